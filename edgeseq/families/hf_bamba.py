@@ -1,0 +1,1 @@
+"""Checkpoint family: hf_bamba (being written)."""

@@ -1,0 +1,1 @@
+"""Checkpoint family: hf_mamba2 (being written)."""

@@ -1,0 +1,1 @@
+"""Checkpoint family: mamba_ssm (being written)."""

@@ -1,0 +1,53 @@
+"""Safe file I/O: atomic directory writes and checked safetensors reads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from edgeseq.errors import CheckpointError, EdgeseqError
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; rename it into place on success.
+
+    On any exception the temporary directory is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise EdgeseqError(f"{target} already exists; choose another output path or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, with one-line errors for missing or damaged files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; the checkpoint directory is incomplete")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason}); re-download or re-export it") from None

@@ -1,0 +1,33 @@
+"""The reference math: the one place edgeseq's numerics are defined.
+
+Pure torch, any float dtype (fp64 for the property tests). Every kernel, exported graph
+and runtime is tested against these functions. Imports nothing from kernels, export or
+runtimes.
+"""
+
+from edgeseq.reference.attention import attention_prefill_ref, attention_step_ref, ring_positions
+from edgeseq.reference.layers import (
+    causal_conv1d_ref,
+    causal_conv1d_step_ref,
+    gated_mlp_ref,
+    gated_rmsnorm_ref,
+    rmsnorm_ref,
+    rope_ref,
+)
+from edgeseq.reference.ssd import segsum, ssd_scan_ref, ssd_sequential_ref, ssd_step_ref
+
+__all__ = [
+    "attention_prefill_ref",
+    "attention_step_ref",
+    "causal_conv1d_ref",
+    "causal_conv1d_step_ref",
+    "gated_mlp_ref",
+    "gated_rmsnorm_ref",
+    "ring_positions",
+    "rmsnorm_ref",
+    "rope_ref",
+    "segsum",
+    "ssd_scan_ref",
+    "ssd_sequential_ref",
+    "ssd_step_ref",
+]

@@ -1,0 +1,110 @@
+"""Width specs: which prefix of every layer a submodel keeps.
+
+A width is a fraction of a layer's nesting units, the units being
+
+- mamba2 layers: heads, counted per B/C group (each group keeps its leading heads);
+- attention layers: whole kv-head groups (a kv head and its query heads);
+- gated MLPs: hidden units.
+
+A fraction is snapped to whole units when it lies within ``SNAP_TOLERANCE`` of one
+(so 0.33 means a third); anything else is refused with the nearest widths that work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from edgeseq.config import ModelConfig
+from edgeseq.errors import WidthError
+
+SNAP_TOLERANCE = 0.01  # in width units: |fraction - k/units| allowed when snapping
+
+
+@dataclass(frozen=True)
+class LayerWidth:
+    """Absolute sizes one layer keeps."""
+
+    heads: int  # mamba2 heads or attention query heads (0 for none)
+    d_mlp: int  # MLP hidden units (0 when the layer has no MLP)
+
+
+@dataclass(frozen=True)
+class WidthSpec:
+    """One fraction for every layer, or one per layer (Mix'n'Match)."""
+
+    fractions: tuple[float, ...]
+
+    @classmethod
+    def uniform(cls, width: float) -> WidthSpec:
+        return cls((float(width),))
+
+    @classmethod
+    def parse(cls, text: str) -> WidthSpec:
+        """'0.5', '1/2' or a comma list '1,1,0.5,0.25' (one per layer)."""
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        if not parts:
+            raise WidthError("empty width; give a fraction such as 0.5 or a per-layer list such as 1,0.5,0.5")
+        values = []
+        for p in parts:
+            try:
+                values.append(float(Fraction(p)))
+            except (ValueError, ZeroDivisionError):
+                raise WidthError(f"width {p!r} is not a number; use a fraction such as 0.5 or 1/4") from None
+        return cls(tuple(values))
+
+    def per_layer(self, n_layer: int) -> tuple[float, ...]:
+        for w in self.fractions:
+            if not (math.isfinite(w) and 0 < w <= 1):
+                raise WidthError(f"width {w:g} is out of range; widths are fractions in (0, 1]")
+        if len(self.fractions) == 1:
+            return self.fractions * n_layer
+        if len(self.fractions) != n_layer:
+            raise WidthError(
+                f"{len(self.fractions)} per-layer widths given for a model of {n_layer} layers; give one or {n_layer}"
+            )
+        return self.fractions
+
+    def __str__(self) -> str:
+        return ",".join(f"{w:g}" for w in self.fractions)
+
+
+def _snap(w: float, units: int, where: str) -> int:
+    k = round(w * units)
+    if k >= 1 and abs(w - k / units) <= SNAP_TOLERANCE:
+        return k
+    if w * units < 1 - SNAP_TOLERANCE * units:
+        raise WidthError(f"width {w:g} keeps no unit of {where} ({units} units); the narrowest width is {1 / units:g}")
+    lo, hi = math.floor(w * units), math.ceil(w * units)
+    options = [f"{n / units:g} ({n}/{units})" for n in sorted({max(lo, 1), max(hi, 1)}) if n <= units]
+    raise WidthError(f"width {w:g} falls between whole units of {where} ({units} units); use {' or '.join(options)}")
+
+
+def resolve(config: ModelConfig, spec: WidthSpec | float | str | None) -> tuple[LayerWidth, ...]:
+    """Absolute per-layer sizes of ``config`` at ``spec`` (None = the config as stored)."""
+    if spec is None:
+        spec = WidthSpec.uniform(1.0)
+    elif not isinstance(spec, WidthSpec):
+        spec = WidthSpec.parse(str(spec))
+    out = []
+    for i, w in enumerate(spec.per_layer(config.n_layer)):
+        layer = config.layers[i]
+        heads = config.layer_heads(i)
+        if layer.mixer == "mamba2":
+            groups = config.mamba.ngroups
+            kind = "mamba2 heads per group"
+        else:
+            groups = heads // config.attention.q_per_kv  # kv heads
+            kind = "attention kv groups"
+        units = heads // groups if layer.mixer == "mamba2" else groups
+        k = _snap(w, units, f"layer {i} ({kind})")
+        kept_heads = k * groups if layer.mixer == "mamba2" else k * config.attention.q_per_kv
+        d_mlp = config.layer_d_mlp(i)
+        kept_mlp = _snap(w, d_mlp, f"layer {i} (MLP hidden units)") if d_mlp else 0
+        out.append(LayerWidth(heads=kept_heads, d_mlp=kept_mlp))
+    return tuple(out)
+
+
+def full(config: ModelConfig) -> tuple[LayerWidth, ...]:
+    return resolve(config, None)

@@ -1,0 +1,1 @@
+"""ONNX export of extracted models: portable, opset27 and tensorrt flavors."""

@@ -1,0 +1,1 @@
+"""Triton kernels, each beside its pure-torch ``_ref`` twin (see the kernels issue)."""

@@ -1,0 +1,1 @@
+"""Runners (torch reference, onnxruntime, tensorrt) and the StreamingSession API."""

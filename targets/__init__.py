@@ -1,0 +1,1 @@
+"""Device profiles (one TOML each) and the sizing model."""

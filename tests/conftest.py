@@ -1,0 +1,51 @@
+"""Shared test helpers: small random configs and models, fresh seeds per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from edgeseq.config import AttentionParams, Mamba2Params, ModelConfig
+from edgeseq.model import NestedLM
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def small_config(pattern: str = "M M+ S+ M A", *, ngroups: int = 2, **overrides) -> ModelConfig:
+    """A few-thousand-parameter hybrid: every mixer kind, grouped B/C, GQA, windowed and
+    global attention, MLPs. Nested at 1, 1/2, 1/4."""
+    kwargs = dict(
+        d_model=32,
+        vocab_size=61,
+        d_mlp=48,
+        window=6,
+        mamba=Mamba2Params(d_state=8, headdim=4, ngroups=ngroups, chunk_size=4),
+        attention=AttentionParams(n_heads=8, n_kv_heads=4, head_dim=8, rope_fraction=0.5, max_context=128),
+        nested_widths=(1.0, 0.5, 0.25),
+        tie_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return ModelConfig.from_pattern(pattern, **kwargs)
+
+
+def random_model(config: ModelConfig, dtype=torch.float64, seed: int | None = None) -> NestedLM:
+    """A model with every parameter drawn at random (not the training init), so that
+    D, norms and biases are exercised too."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    model = NestedLM(config).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=dtype) * 1.5)
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) - 2)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.3)
+    return model
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return small_config()
