@@ -27,6 +27,8 @@ def causal_conv1d_ref(
     k = weight.size(-1)
     if state is None:
         state = x.new_zeros(b, c, k - 1)
+    if l == 0:
+        return x, state
     window = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # (b, c, k-1+l)
     y = F.conv1d(window, weight[:, None, :].to(x.dtype), None if bias is None else bias.to(x.dtype), groups=c)
     new_state = window[..., window.size(-1) - (k - 1) :]
