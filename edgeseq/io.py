@@ -45,7 +45,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, with one-line errors for missing or damaged files."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path} not found; the checkpoint directory is incomplete")
+        raise CheckpointError(f"{path} not found; the checkpoint directory is incomplete, re-download or re-export it")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -57,7 +57,7 @@ class WidthSpec:
     def per_layer(self, n_layer: int) -> tuple[float, ...]:
         for w in self.fractions:
             if not (math.isfinite(w) and 0 < w <= 1):
-                raise WidthError(f"width {w:g} is out of range; widths are fractions in (0, 1]")
+                raise WidthError(f"width {w:g} is out of range; use a fraction in (0, 1]")
         if len(self.fractions) == 1:
             return self.fractions * n_layer
         if len(self.fractions) != n_layer:

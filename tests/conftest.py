@@ -46,6 +46,22 @@ def random_model(config: ModelConfig, dtype=torch.float64, seed: int | None = No
     return model
 
 
+def randomize_(module: torch.nn.Module, seed: int | None = None) -> int:
+    """Overwrite every parameter of any module (e.g. a transformers model) with random
+    values as ``random_model`` draws them; returns the seed, for failure messages."""
+    seed = seed if seed is not None else int(torch.randint(0, 2**31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=gen) * 1.5)
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) - 2)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return seed
+
+
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return small_config()

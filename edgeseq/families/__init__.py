@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError
 
 from edgeseq.config import ModelConfig
 from edgeseq.errors import CheckpointError, UnknownFormatError
@@ -94,7 +95,10 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
         given.pop("lm_head.weight", None)  # some writers store the tied copy too
     missing = sorted(set(expected) - set(given))
     if missing:
-        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; it does not match its config")
+        raise CheckpointError(
+            f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; "
+            "it does not match its config, re-export it or fix config.json"
+        )
     unexpected = sorted(set(given) - set(expected))
     if unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}; check its config")
@@ -102,7 +106,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
         if tuple(given[name].shape) != shape:
             raise CheckpointError(
                 f"tensor {name} has shape {tuple(given[name].shape)} but the config implies {shape}; "
-                "the checkpoint and its config disagree"
+                "the checkpoint and its config disagree, re-export it or fix config.json"
             )
         t = given[name]
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -129,8 +133,13 @@ def save_checkpoint(model: NestedLM, path: str | Path, format: str = "native", m
     family = get_family(format)
     if not family.writable:
         family.write(model, Path(path))  # raises the read-only error
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        family.write(model, tmp, metadata)
+    try:
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            family.write(model, tmp, metadata)
+    except (OSError, SafetensorError) as e:  # disk full, no permission: a user-fixable error, not a crash
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        msg = f"could not write {path} ({reason}); nothing was written, free space or pick another path"
+        raise CheckpointError(msg) from None
     return Path(path)
 
 
