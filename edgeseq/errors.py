@@ -20,6 +20,10 @@ class WidthError(EdgeseqError):
     """A width spec cannot be honoured by the model's nested granularity."""
 
 
+class OutputExistsError(EdgeseqError):
+    """An output path is taken and overwriting was not asked for."""
+
+
 class CheckpointError(EdgeseqError):
     """A checkpoint is missing, corrupt, unsafe or does not match its config."""
 

@@ -13,31 +13,53 @@ import torch
 
 from edgeseq.config import ModelConfig
 from edgeseq.model import NestedLM
+from edgeseq.errors import WidthError
 from edgeseq.width import LayerWidth, WidthSpec, resolve
 
 
-def extracted_config(config: ModelConfig, widths: tuple[LayerWidth, ...], spec: WidthSpec | None = None) -> ModelConfig:
+def extracted_config(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> ModelConfig:
     """The config of the submodel with these per-layer sizes.
 
-    Nested granularities carry over, rescaled, when the width is uniform: a half-width
-    model of a (1, 1/2, 1/4) model is itself nested at (1, 1/2).
+    The trained granularities that fit inside the submodel carry over, as fractions of
+    the submodel: a half-width model of a (1, 1/2, 1/4) model is nested at (1, 1/2).
     """
     layers = tuple(
         replace(spec_i, heads=w.heads, d_mlp=w.d_mlp if spec_i.mlp else None)
         for spec_i, w in zip(config.layers, widths)
     )
-    nested = (1.0,)
-    if spec is not None and len(set(spec.per_layer(config.n_layer))) == 1:
-        f = spec.per_layer(config.n_layer)[0]
-        nested = tuple(sorted({round(w / f, 6) for w in config.nested_widths if w <= f + 1e-9}, reverse=True))
-    return config.replace(layers=layers, nested_widths=nested or (1.0,))
+    sub = config.replace(layers=layers, nested_widths=(1.0,))
+    return sub.replace(nested_widths=_carried_widths(config, sub))
+
+
+def _carried_widths(config: ModelConfig, sub: ModelConfig) -> tuple[float, ...]:
+    """Fractions r of ``sub`` that select exactly the sizes of one of ``config``'s
+    nested widths; a width whose sizes no single r reproduces is dropped."""
+    kept = resolve(sub, None)
+    carried = {1.0}
+    for w in config.nested_widths:
+        try:
+            want = resolve(config, w)
+        except WidthError:
+            continue
+        ratios = {round(a.heads / b.heads, 6) for a, b in zip(want, kept)}
+        ratios |= {round(a.d_mlp / b.d_mlp, 6) for a, b in zip(want, kept) if b.d_mlp}
+        for r in sorted(ratios):
+            if not 0 < r <= 1:
+                continue
+            try:
+                if resolve(sub, r) == want:
+                    carried.add(r)
+                    break
+            except WidthError:
+                continue
+    return tuple(sorted(carried, reverse=True))
 
 
 def extract(model: NestedLM, spec: WidthSpec | float | str) -> NestedLM:
     """A new model holding only the weights ``spec`` keeps (copies, same dtype and device)."""
     spec = spec if isinstance(spec, WidthSpec) else WidthSpec.parse(str(spec))
     widths = resolve(model.config, spec)
-    config = extracted_config(model.config, widths, spec)
+    config = extracted_config(model.config, widths)
     weights = {k: v.detach().clone() for k, v in model.sliced_state_dict(widths).items()}
     with torch.device("meta"):
         sub = NestedLM(config)

@@ -6,8 +6,10 @@ A width is a fraction of a layer's nesting units, the units being
 - attention layers: whole kv-head groups (a kv head and its query heads);
 - gated MLPs: hidden units.
 
-A fraction is snapped to whole units when it lies within ``SNAP_TOLERANCE`` of one
-(so 0.33 means a third); anything else is refused with the nearest widths that work.
+A fraction is snapped to the nearest whole number of units k when |fraction - k/units|
+is at most ``SNAP_TOLERANCE`` (so 0.33 means a third, and 0.3 of 24 heads means 7);
+anything else is refused with the nearest widths that work. Layers with many units
+(MLPs) therefore accept any fraction, rounded to whole units.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from fractions import Fraction
 from edgeseq.config import ModelConfig
 from edgeseq.errors import WidthError
 
-SNAP_TOLERANCE = 0.01  # in width units: |fraction - k/units| allowed when snapping
+SNAP_TOLERANCE = 0.01  # largest |fraction - k/units| that still snaps to k units
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ def load_model(source: str | None = None, format: str | None = None, dtype=torch
             model = NestedLM(BUILTIN[source]).to(dtype)
         return model, {"format": "builtin", "name": source, "trained": False}
     path = Path(source)
+    if source in BUILTIN and not path.exists():
+        raise CheckpointError(f"built-in model {source!r} is native only; drop --format {format}")
     if not path.exists():
         raise CheckpointError(
             f"{source!r} is neither a model directory nor a built-in model ({', '.join(sorted(BUILTIN))})"

@@ -82,6 +82,8 @@ def detect_family(path: Path) -> type[Family]:
     for family in FAMILIES.values():
         if family.detect(path):
             return family
+    if (path / "config.json").is_file():
+        read_json(path / "config.json")  # a damaged config.json gets its own error, not "unknown format"
     raise UnknownFormatError(f"{path} is in no known checkpoint format; known formats: {known_formats()}")
 
 

@@ -18,6 +18,7 @@ from edgeseq.errors import (
     CheckpointError,
     ConfigError,
     EdgeseqError,
+    OutputExistsError,
     UnknownFormatError,
     WidthError,
 )
@@ -213,9 +214,10 @@ def test_config_value_out_of_range(saved, key, value, words):
 def test_malformed_config_json(saved):
     path, _ = saved
     (path / "config.json").write_text((path / "config.json").read_text()[:-20])
-    with pytest.raises(CheckpointError) as e:
-        load_checkpoint(path, format="native")
-    assert "not valid JSON" in assert_user_error(e, CheckpointError)
+    for fmt in ("native", None):  # detection too reports the damaged JSON, not an unknown format
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path, format=fmt)
+        assert "not valid JSON" in assert_user_error(e, CheckpointError)
     with pytest.raises(ConfigError) as e:
         ModelConfig.from_json((path / "config.json").read_text())
     assert "not valid JSON" in assert_user_error(e, ConfigError)
@@ -294,8 +296,15 @@ def test_existing_target_without_overwrite_is_refused(saved):
     path, model = saved
     before = {p.name: p.read_bytes() for p in path.iterdir()}
     siblings = listing(path)
-    with pytest.raises(EdgeseqError) as e:
+    with pytest.raises(OutputExistsError) as e:
         save_checkpoint(model, path)
-    assert "overwrite" in assert_user_error(e, EdgeseqError)
+    assert "overwrite" in assert_user_error(e, OutputExistsError)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert listing(path) == siblings
+
+
+def test_overwriting_a_file_leaves_no_stale_copy(tmp_path):
+    target = tmp_path / "model"
+    target.write_text("not a checkpoint")
+    save_checkpoint(random_model(small_config(), torch.float32), target, overwrite=True)
+    assert target.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

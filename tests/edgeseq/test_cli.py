@@ -254,11 +254,6 @@ def test_console_script_error_is_one_line(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: extracted_config rescales nested widths by the asked fraction (0.3), not the snapped "
-    "one (7/24), so the submodel's nested widths (0.833, 0.417) do not resolve on its 7 heads",
-)
 def test_extract_at_snapped_width_stays_inspectable(tmp_path):
     out = tmp_path / "sub"
     cli_json("extract", "--width", "0.3", "-o", str(out))  # snaps to 7 of 24 heads
