@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeseq.errors import EdgeseqError
+
 BOS, EOS, PAD = 256, 257, 258
 HELDOUT_PERCENT = 3  # files whose path hash falls below this percentile are held out
 SAMPLE_DIR = Path(__file__).parent / "data"
@@ -100,7 +102,10 @@ def write_sample(heldout: list[Document], out_dir: Path, limit: int = SAMPLE_BYT
 
 def load_sample(sample_dir: Path = SAMPLE_DIR) -> np.ndarray:
     """The shipped held-out sample as a token stream (int64)."""
-    raw = (sample_dir / "heldout.u16").read_bytes()
+    path = sample_dir / "heldout.u16"
+    if not path.is_file():
+        raise EdgeseqError(f"held-out sample {path} is missing; reinstall edgeseq from a full checkout")
+    raw = path.read_bytes()
     return np.frombuffer(raw, "<u2").astype(np.int64)
 
 

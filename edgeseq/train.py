@@ -44,7 +44,8 @@ class TrainConfig:
     widths: tuple[float, ...] = field(default_factory=tuple)  # empty: the config's nested widths
     log_every: int = 50
     compile: bool = False
-    max_seconds: float = 0.0  # stop early past this wall time (0: never); recorded in metadata
+    max_seconds: float = 0.0  # stop once training (after the first, compiling step) took this long; 0: never
+    stop_at: int = 0  # stop after this many steps of the ``steps``-long schedule (0: run them all)
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -103,11 +104,12 @@ def train(tc: TrainConfig, out_dir: Path, device: str = "cuda") -> dict:
                           "data_sha256": data_manifest["sha256"], "sample": {k: v for k, v in sample_info.items() if k != "list"}}) + "\n")
     stream = batches(tokens, tc, device)
     t0 = time.time()
-    steps_done = tc.steps
-    for step in range(tc.steps):
-        if tc.max_seconds and time.time() - t0 > tc.max_seconds:
-            steps_done = step
-            print(json.dumps({"stopped_early_at_step": step}), flush=True)
+    t_first = None  # end of step 0, which includes compilation
+    steps_done = tc.stop_at or tc.steps
+    for step in range(steps_done):
+        if tc.max_seconds and t_first is not None and time.time() - t_first > tc.max_seconds:
+            steps_done = tc.stop_at = step  # recorded, so the saved train_config reproduces this run
+            print(json.dumps({"stopped_at": step}), flush=True)
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
@@ -123,6 +125,8 @@ def train(tc: TrainConfig, out_dir: Path, device: str = "cuda") -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if step == 0:
+            t_first = time.time()
         if step % tc.log_every == 0 or step == tc.steps - 1:
             record = {"step": step, "lr": lr_at(step, tc), "grad_norm": float(grad_norm), "elapsed_s": round(time.time() - t0, 1)}
             record |= {f"bpb@{w:g}": float(l) / math.log(2) for w, l in zip(widths, losses)}

@@ -35,18 +35,21 @@ def main() -> None:
     ap.add_argument("--steps-hybrid", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-seconds", type=float, default=390)
+    ap.add_argument("--only", choices=["mamba2-tiny", "hybrid-tiny"], help="Train one model only.")
     args = ap.parse_args()
     mp.set_start_method("spawn")
     jobs = [
         mp.Process(target=run_one, args=("mamba2-tiny", args.steps_mamba, args.batch, args.max_seconds, args.work)),
         mp.Process(target=run_one, args=("hybrid-tiny", args.steps_hybrid, args.batch, args.max_seconds, args.work)),
     ]
+    if args.only:
+        jobs = [j for j in jobs if j._args[0] == args.only]
     for j in jobs:
         j.start()
     for j in jobs:
         j.join()
     out, work = Path(args.out), Path(args.work)
-    for name in ("mamba2-tiny", "hybrid-tiny"):
+    for name in [args.only] if args.only else ("mamba2-tiny", "hybrid-tiny"):
         ckpt = work / name / name
         if ckpt.is_dir():
             with tarfile.open(out / f"{name}.tar", "w") as tar:

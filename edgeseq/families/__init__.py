@@ -56,6 +56,19 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({e}); fix or regenerate it") from None
 
 
+def peek_json(path: Path) -> dict[str, Any] | None:
+    """config.json of a directory as a dict, or None where there is none that parses
+    (detection must not fail: the chosen family's read reports a damaged file)."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        raw = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 def lookup(d: dict[str, Any], *aliases: str, default: Any = KeyError) -> Any:
     """The first of ``aliases`` present in ``d`` (hyperparameter names differ by family)."""
     for a in aliases:

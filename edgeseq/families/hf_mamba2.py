@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from edgeseq.config import LayerSpec, Mamba2Params, ModelConfig
 from edgeseq.errors import CheckpointError
-from edgeseq.families import Family, lookup, read_json, register
+from edgeseq.families import Family, lookup, peek_json, read_json, register
 from edgeseq.io import read_safetensors
 from edgeseq.model import NestedLM
 
@@ -59,14 +59,8 @@ NAMES: Rules = tuple(
 # ---- helpers shared by the HF families ------------------------------------------------
 def is_hf_dir(path: Path, model_type: str, architecture: str) -> bool:
     """Whether ``path`` holds an HF config.json of this model type or architecture."""
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        raw = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    if not isinstance(raw, dict):
+    raw = peek_json(path)
+    if raw is None:
         return False
     return raw.get("model_type") == model_type or architecture in (raw.get("architectures") or [])
 

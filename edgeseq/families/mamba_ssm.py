@@ -27,7 +27,6 @@ How upstream maps onto edgeseq:
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import re
@@ -41,7 +40,7 @@ from torch import Tensor
 
 from edgeseq.config import AttentionParams, LayerSpec, Mamba2Params, ModelConfig
 from edgeseq.errors import CheckpointError
-from edgeseq.families import Family, lookup, read_json, register
+from edgeseq.families import Family, lookup, peek_json, read_json, register
 from edgeseq.io import read_safetensors
 
 NATIVE_TAG = "edgeseq"  # native config.json carries {"format": "edgeseq"}
@@ -76,15 +75,9 @@ class MambaSsm(Family):
 
     @classmethod
     def detect(cls, path: Path) -> bool:
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            return False
-        try:
-            raw = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return False
+        raw = peek_json(path)
         # HF configs carry model_type ("mamba2", "bamba"); native ones carry the format tag
-        if not isinstance(raw, dict) or "model_type" in raw or raw.get("format") == NATIVE_TAG:
+        if raw is None or "model_type" in raw or raw.get("format") == NATIVE_TAG:
             return False
         return "ssm_cfg" in raw or ("d_model" in raw and "n_layer" in raw)
 

@@ -10,7 +10,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from edgeseq.config import ModelConfig
-from edgeseq.families import Family, read_json, register
+from edgeseq.families import Family, peek_json, read_json, register
 from edgeseq.io import read_safetensors
 from edgeseq.model import NestedLM
 
@@ -25,13 +25,8 @@ class Native(Family):
 
     @classmethod
     def detect(cls, path: Path) -> bool:
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            return False
-        try:
-            return json.loads(cfg.read_text()).get("format") == FORMAT_TAG
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            return False
+        raw = peek_json(path)
+        return raw is not None and raw.get("format") == FORMAT_TAG
 
     @classmethod
     def read(cls, path: Path):
