@@ -18,10 +18,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-def run_one(name: str, steps: int, batch: int, max_seconds: float, work: str) -> None:
+def run_one(name: str, steps: int, batch: int, max_seconds: float, compile_: bool, work: str) -> None:
     from edgeseq.train import TrainConfig, train
 
-    tc = TrainConfig(model=name, steps=steps, batch=batch, compile=True, max_seconds=max_seconds)
+    tc = TrainConfig(model=name, steps=steps, batch=batch, compile=compile_, max_seconds=max_seconds)
     meta = train(tc, Path(work) / name)
     print(json.dumps({"model": name, "eval": meta["eval"], "ngram": meta["ngram_order2_bpb"], "steps": meta["steps"],
                       "train_seconds": meta["train_seconds"], "config": asdict(tc)}), flush=True)
@@ -35,12 +35,13 @@ def main() -> None:
     ap.add_argument("--steps-hybrid", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-seconds", type=float, default=390)
+    ap.add_argument("--eager", action="store_true", help="Skip torch.compile (compiling four widths of the hybrid takes minutes).")
     ap.add_argument("--only", choices=["mamba2-tiny", "hybrid-tiny"], help="Train one model only.")
     args = ap.parse_args()
     mp.set_start_method("spawn")
     jobs = [
-        mp.Process(target=run_one, args=("mamba2-tiny", args.steps_mamba, args.batch, args.max_seconds, args.work)),
-        mp.Process(target=run_one, args=("hybrid-tiny", args.steps_hybrid, args.batch, args.max_seconds, args.work)),
+        mp.Process(target=run_one, args=("mamba2-tiny", args.steps_mamba, args.batch, args.max_seconds, not args.eager, args.work)),
+        mp.Process(target=run_one, args=("hybrid-tiny", args.steps_hybrid, args.batch, args.max_seconds, not args.eager, args.work)),
     ]
     if args.only:
         jobs = [j for j in jobs if j._args[0] == args.only]
@@ -59,8 +60,10 @@ def main() -> None:
             for f in ("train_log.jsonl", "manifest.json"):
                 if (work / name / f).is_file():
                     tar.add(work / name / f, arcname=f"{name}/{f}")
-        if (work / "mamba2-tiny" / "sample").is_dir():
-            tar.add(work / "mamba2-tiny" / "sample", arcname="sample")
+        for name in ("mamba2-tiny", "hybrid-tiny"):  # every run writes the same sample; pack one
+            if (work / name / "sample").is_dir():
+                tar.add(work / name / "sample", arcname="sample")
+                break
 
 
 if __name__ == "__main__":
