@@ -21,7 +21,7 @@ import torch
 from edgeseq.config import ModelConfig
 from edgeseq.extract import extracted_config
 from edgeseq.model import NestedLM
-from edgeseq.state import layer_state_shapes
+from edgeseq.shapes import layer_state_shapes
 from edgeseq.width import LayerWidth, WidthSpec, resolve
 
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from edgeseq.config import ModelConfig
+from edgeseq.shapes import layer_state_shapes, ring_size  # noqa: F401  (re-exported)
 from edgeseq.width import LayerWidth, full
 
 
@@ -31,22 +32,6 @@ class AttentionLayerState:
 
 
 LayerState = Mamba2LayerState | AttentionLayerState
-
-
-def ring_size(config: ModelConfig, i: int) -> int:
-    window = config.layers[i].window
-    return window if window is not None else config.attention.max_context
-
-
-def layer_state_shapes(config: ModelConfig, i: int, width: LayerWidth) -> dict[str, tuple[int, ...]]:
-    """Shapes without the batch axis."""
-    if config.layers[i].mixer == "mamba2":
-        m = config.mamba
-        conv_channels = width.heads * m.headdim + 2 * m.ngroups * m.d_state
-        return {"conv": (conv_channels, m.d_conv - 1), "ssm": (width.heads, m.d_state, m.headdim)}
-    a = config.attention
-    kv = width.heads // a.q_per_kv
-    return {"key": (kv, ring_size(config, i), a.head_dim), "value": (kv, ring_size(config, i), a.head_dim)}
 
 
 @dataclass
