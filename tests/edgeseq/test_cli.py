@@ -71,7 +71,7 @@ def expected_bytes(module: torch.nn.Module) -> dict[str, int]:
 def test_inspect_json_matches_extracted_modules(name):
     doc = cli_json("inspect", name)
     model, _ = load_model(name)
-    assert doc["model"] == name and doc["format"] == "builtin" and doc["trained"] is False
+    assert doc["model"] == name and doc["format"] == "native" and doc["trained"] is True  # the shipped weights
     assert doc["layers"] == PATTERNS[name] and doc["nested_full"] is True
     assert [float(row["width"]) for row in doc["sizes"]] == list(BUILTIN[name].nested_widths)
     for row in doc["sizes"]:
@@ -91,7 +91,7 @@ def test_inspect_table(name):
     assert result.exit_code == 0, result.output
     doc = cli_json("inspect", name)
     out = result.stdout
-    assert name in out and PATTERNS[name] in out and "untrained" in out
+    assert name in out and PATTERNS[name] in out and "(native, trained," in out
     for row in doc["sizes"]:
         assert f"{row['params'] / 1e6:.2f} M" in out
     for header in ("width", "params", "fp32", "fp16", "int8", "int4", "state/stream"):
@@ -121,7 +121,7 @@ def test_extract_round_trip(tmp_path, name, width):
     doc = cli_json("extract", name, "--width", width, "-o", str(out))
     sub, metadata = load_checkpoint(out)
     assert metadata["format"] == "native" and metadata["source"] == name and metadata["width"] == doc["width"]
-    assert metadata["trained"] is False
+    assert metadata["trained"] is True and metadata["steps"] > 0  # provenance carries over
     assert doc["size"]["params"] == sub.num_parameters()
     assert doc["bytes_on_disk"] == sum(f.stat().st_size for f in out.iterdir())
     full, _ = load_model(name)
