@@ -1,0 +1,106 @@
+"""A small ONNX graph builder: named nodes, deduplicated constants, deterministic output.
+
+Graph code calls ``g.op("MatMul", a, b)`` and gets back the output name; constants are
+numpy arrays turned into initializers once. Names are sequential, so building the same
+model twice gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeseq.export.spec import TensorSpec
+
+DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64, "bool": TensorProto.BOOL}
+
+
+class GraphBuilder:
+    def __init__(self, name: str, opset: int, extra_domains: dict[str, int] | None = None):
+        self.name = name
+        self.opset = opset
+        self.domains = {"": opset, **(extra_domains or {})}
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._counts: Counter[str] = Counter()
+        self._consts: dict[tuple, str] = {}
+
+    # ---- names -------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        self._counts[hint] += 1
+        return f"{hint}_{self._counts[hint]}"
+
+    # ---- values ------------------------------------------------------------------------
+    def input(self, spec: TensorSpec) -> str:
+        self.inputs.append(helper.make_tensor_value_info(spec.name, DTYPES[spec.dtype], list(spec.shape)))
+        return spec.name
+
+    def output(self, value: str, spec: TensorSpec) -> None:
+        """Expose ``value`` under the spec's name (an Identity keeps graph code name-free)."""
+        self.nodes.append(helper.make_node("Identity", [value], [spec.name], name=self.fresh("out")))
+        self.outputs.append(helper.make_tensor_value_info(spec.name, DTYPES[spec.dtype], list(spec.shape)))
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """A named initializer (model weights keep their checkpoint names)."""
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, value, dtype: str | None = None) -> str:
+        """A constant shared by every use of the same value: an array keeps its dtype,
+        a Python number or list is float32 unless ``dtype`` says otherwise."""
+        if dtype is None and isinstance(value, np.ndarray):
+            dtype = value.dtype
+        array = np.asarray(value, dtype=dtype or "float32")
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weight(self.fresh("const"), array)
+        return self._consts[key]
+
+    def ints(self, *values: int) -> str:
+        return self.const(list(values), "int64")
+
+    # ---- nodes -------------------------------------------------------------------------
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs) -> str | tuple[str, ...]:
+        names = [self.fresh(op_type.lower()) for _ in range(outputs)]
+        node = helper.make_node(op_type, list(inputs), names, name=self.fresh(f"n_{op_type}"), domain=domain, **attrs)
+        self.nodes.append(node)
+        return names[0] if outputs == 1 else tuple(names)
+
+    # ---- build -------------------------------------------------------------------------
+    def build(self, doc: str = "") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid(d, v) for d, v in sorted(self.domains.items())]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeseq", doc_string=doc)
+        model.ir_version = min(model.ir_version, 10 if self.opset <= 21 else 11)
+        return model
+
+
+# ---- small composite helpers shared by every layer --------------------------------------
+def silu(g: GraphBuilder, x: str) -> str:
+    return g.op("Mul", x, g.op("Sigmoid", x))
+
+
+def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str:
+    """x [..., in] @ weight [in, out] (+ bias). Weights are stored transposed for MatMul."""
+    y = g.op("MatMul", x, weight)
+    return g.op("Add", y, bias) if bias else y
+
+
+def rmsnorm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (basic ops, any opset)."""
+    ms = g.op("ReduceMean", g.op("Mul", x, x), g.ints(-1), keepdims=1)
+    return g.op("Mul", g.op("Div", x, g.op("Sqrt", g.op("Add", ms, g.const(eps)))), weight)
+
+
+def split(g: GraphBuilder, x: str, sizes: Sequence[int], axis: int = -1) -> tuple[str, ...]:
+    return g.op("Split", x, g.ints(*sizes), outputs=len(sizes), axis=axis)
+
+
+def reshape(g: GraphBuilder, x: str, *shape: int) -> str:
+    return g.op("Reshape", x, g.ints(*shape))

@@ -1,0 +1,74 @@
+"""Whole-model step and prefill graphs of an extracted model.
+
+    input_ids -> Gather(embedding) -> blocks (past.* in, present.* out) -> final RMSNorm
+              -> (prefill: last position unless all_logits) -> MatMul(head) -> logits
+
+The result is cleaned with onnxscript's optimizer (constant folding, dead nodes) and is
+deterministic: the same model and options give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from edgeseq.errors import EdgeseqError
+from edgeseq.export.builder import GraphBuilder, rmsnorm
+from edgeseq.export.flavors import FLAVORS
+from edgeseq.export.layers import block
+from edgeseq.export.spec import GraphIO, graph_io, needs_position
+from edgeseq.model import NestedLM
+
+INT_MAX = np.iinfo(np.int64).max
+
+
+def model_weights(model: NestedLM) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def build_graph(model: NestedLM, kind: str, flavor: str = "portable", all_logits: bool = False) -> onnx.ModelProto:
+    """The ONNX graph of ``model``'s step or prefill, in the given flavor."""
+    if flavor not in FLAVORS:
+        raise EdgeseqError(f"unknown flavor {flavor!r}; use one of {sorted(FLAVORS)}")
+    config, fl = model.config, FLAVORS[flavor]
+    if config.mamba.d_conv < 2 and any(s.mixer == "mamba2" for s in config.layers):
+        raise EdgeseqError("export needs mamba.d_conv >= 2 (a conv state of at least one token)")
+    io = graph_io(config, kind, all_logits)
+    weights = model_weights(model)
+    g = GraphBuilder(f"edgeseq_{kind}", fl.opset, fl.domains)
+    names = {spec.name: g.input(spec) for spec in io.inputs}
+    rank = 2 if kind == "step" else 3
+    emb = g.weight("embedding.weight", weights["embedding.weight"])
+    h = g.op("Gather", emb, names["input_ids"])  # [b, t, d]
+    if rank == 2:
+        h = g.op("Squeeze", h, g.ints(1))  # [b, d]
+    position = names.get("position")
+    presents: dict[str, str] = {}
+    for i, spec in enumerate(config.layers):
+        kinds = ("conv", "ssm") if spec.mixer == "mamba2" else ("key", "value")
+        past = {k: names[f"past.{i}.{k}"] for k in kinds}
+        h, present = block(g, fl, config, i, weights, h, past, position, rank)
+        presents |= {f"present.{i}.{k}": v for k, v in present.items()}
+    h = rmsnorm(g, h, g.weight("norm_f.weight", weights["norm_f.weight"]), config.norm_eps)
+    if rank == 3 and not all_logits:
+        h = g.op("Squeeze", g.op("Slice", h, g.ints(-1), g.ints(INT_MAX), g.ints(1)), g.ints(1))
+    head = weights["embedding.weight"] if config.tie_embeddings else weights["lm_head.weight"]
+    logits = g.op("MatMul", h, g.weight("lm_head.weight.t", np.ascontiguousarray(head.T)))
+    outputs = {"logits": logits, **presents}
+    if needs_position(config):
+        tokens = g.op("Shape", names["input_ids"], start=1, end=2)
+        outputs["present.position"] = g.op("Add", position, tokens)
+    for spec in io.outputs:
+        g.output(outputs[spec.name], spec)
+    return optimize(g.build(doc=f"edgeseq {kind} graph, flavor {flavor}"))
+
+
+def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding and dead-code removal with onnxscript's optimizer."""
+    import onnxscript.optimizer
+
+    return onnxscript.optimizer.optimize(model)
+
+
+def io_of(model: NestedLM, kind: str, all_logits: bool = False) -> GraphIO:
+    return graph_io(model.config, kind, all_logits)
