@@ -1,0 +1,102 @@
+"""Exported step and prefill graphs against the reference model, in onnxruntime (CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgeseq.export.graphs import build_graph
+from edgeseq.export.spec import graph_io
+from edgeseq.state import ModelState
+from tests.conftest import random_model, small_config
+
+ort = pytest.importorskip("onnxruntime")
+
+CONFIGS = {
+    "hybrid-g2": lambda: small_config(),  # mamba2 (2 groups) + windowed and global GQA attention + MLPs
+    "mamba-g1": lambda: small_config("M M+", ngroups=1, tie_embeddings=True),
+}
+
+
+def session(model_proto: onnx.ModelProto):
+    return ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def feeds_from(state: ModelState, ids: np.ndarray, io) -> dict[str, np.ndarray]:
+    named = state.to_named()
+    feeds = {"input_ids": ids}
+    for spec in io.inputs[1:]:
+        key = spec.name[len("past.") :] if spec.name.startswith("past.") else spec.name
+        feeds[spec.name] = named[key].detach().numpy()
+    return feeds
+
+
+def check(sess, io, model, state, ids, kind, atol=1e-4):
+    outs = dict(zip([o.name for o in io.outputs], sess.run(None, feeds_from(state, ids, io))))
+    with torch.no_grad():
+        if kind == "step":
+            ref, ref_state = model.step(torch.from_numpy(ids[:, 0]), state)
+        else:
+            ref, ref_state = model(torch.from_numpy(ids), state, last_only=True)
+    np.testing.assert_allclose(outs["logits"], ref.numpy(), rtol=0, atol=atol)
+    ref_named = ref_state.to_named()
+    for spec in io.outputs[1:]:
+        np.testing.assert_allclose(outs[spec.name], ref_named[spec.name[len("present.") :]].numpy(), rtol=0, atol=atol)
+    return outs
+
+
+@pytest.mark.parametrize("flavor", ["portable", "opset27"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_graphs_match_reference_with_a_past(name, flavor):
+    model = random_model(CONFIGS[name](), dtype=torch.float32)
+    batch, warm = int(np.random.randint(1, 4)), int(np.random.randint(1, 12))
+    with torch.no_grad():
+        _, state = model(torch.randint(0, model.config.vocab_size, (batch, warm)))  # a real, nonzero past
+    step_io, prefill_io = graph_io(model.config, "step"), graph_io(model.config, "prefill")
+    step, prefill = session(build_graph(model, "step", flavor)), session(build_graph(model, "prefill", flavor))
+    # prefill lengths below, at, and across the chunk (4) and the window (6), same session: T is dynamic
+    for t in (1, 3, 4, 7, 13):
+        ids = np.random.randint(0, model.config.vocab_size, (batch, t)).astype(np.int64)
+        check(prefill, prefill_io, model, state, ids, "prefill")
+    # steps with the graph's own state fed back
+    named = state.to_named()
+    for _ in range(10):
+        ids = np.random.randint(0, model.config.vocab_size, (batch, 1)).astype(np.int64)
+        outs = check(step, step_io, model, ModelState.from_named(model.config, named), ids, "step")
+        named = {k[len("present.") :]: torch.from_numpy(v) for k, v in outs.items() if k.startswith("present.")}
+        if "position" not in named:
+            named["position"] = torch.zeros(batch, dtype=torch.int64)
+
+
+def test_all_logits_prefill():
+    model = random_model(CONFIGS["hybrid-g2"](), dtype=torch.float32)
+    io = graph_io(model.config, "prefill", all_logits=True)
+    sess = session(build_graph(model, "prefill", "portable", all_logits=True))
+    ids = np.random.randint(0, model.config.vocab_size, (2, 9)).astype(np.int64)
+    state = model.init_state(2)
+    logits = sess.run(["logits"], feeds_from(state, ids, io))[0]
+    with torch.no_grad():
+        ref, _ = model(torch.from_numpy(ids), state)
+    np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("flavor", ["portable", "opset27", "tensorrt"])
+def test_export_is_deterministic_and_flavor_ops_are_as_declared(flavor):
+    model = random_model(CONFIGS["mamba-g1"](), dtype=torch.float32)
+    a, b = (build_graph(model, "prefill", flavor).SerializeToString() for _ in range(2))
+    assert a == b
+    proto = onnx.load_from_string(a)
+    ops = {n.op_type for n in proto.graph.node}
+    opset = {o.domain: o.version for o in proto.opset_import}[""]
+    if flavor == "portable":
+        assert opset <= 18 and not ops & {"LinearAttention", "CausalConvWithState", "Einsum", "Loop", "Scan"}
+    elif flavor == "opset27":
+        assert opset == 27 and {"LinearAttention", "CausalConvWithState"} <= ops
+    else:
+        plugins = [n for n in proto.graph.node if n.op_type == "EdgeseqSSDScan"]
+        assert len(plugins) == 2  # one per Mamba2 layer
+        attrs = {a.name for a in plugins[0].attribute}
+        assert {"plugin_namespace", "plugin_version"} <= attrs
+    onnx.checker.check_model(proto)
