@@ -30,3 +30,7 @@ class CheckpointError(EdgeseqError):
 
 class UnknownFormatError(CheckpointError):
     """No registered checkpoint family recognises the input."""
+
+
+class RuntimeUnavailableError(EdgeseqError):
+    """A runtime backend (TensorRT, a CUDA device) is not installed or not reachable."""

@@ -1,0 +1,123 @@
+"""Bundles: what an app ships. A directory written atomically:
+
+    manifest.json            schema, model config, width, flavors, precision, I/O signature,
+                             target, validation summary, sha256 of every other file
+    <flavor>/step.onnx       one token for each of B streams
+    <flavor>/prefill.onnx    a prompt of any length, chunked scan
+    reference/               the extracted model as a native checkpoint (fp32), so that
+                             ``edgeseq validate`` can rebuild the PyTorch reference anywhere
+    README.md                how to run it on the device
+
+This module is torch-free, so that ``edgeseq run`` can read bundles without PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from edgeseq.errors import EdgeseqError
+
+SCHEMA_VERSION = 1
+EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with a margin
+
+
+class BundleError(EdgeseqError):
+    """A bundle is missing, from another schema, or altered since it was written."""
+
+
+def write_graph(path: Path, proto) -> None:
+    """Save an ONNX model; weights go to ``<name>.data`` beside it when over 2 GB."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if proto.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, path)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": file_hashes(root)}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(root: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a bundle; with ``verify``, every file's sha256 is checked."""
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise BundleError(f"{root} is not a bundle (no manifest.json); create one with `edgeseq export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path} is not valid JSON ({e.msg}); re-export the bundle") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"{root} has bundle schema {manifest.get('schema_version')!r}, this edgeseq reads {SCHEMA_VERSION}; "
+            "re-export it"
+        )
+    if verify:
+        for rel, digest in manifest.get("files", {}).items():
+            f = root / rel
+            if not f.is_file():
+                raise BundleError(f"{f} is missing from the bundle; re-export it")
+            if sha256(f) != digest:
+                raise BundleError(f"{f} does not match its sha256 in manifest.json; the bundle was altered, re-export it")
+    return manifest
+
+
+def graph_path(root: Path, manifest: dict[str, Any], flavor: str, kind: str) -> Path:
+    try:
+        return root / manifest["graphs"][flavor][kind]
+    except KeyError:
+        have = sorted(manifest.get("graphs", {}))
+        raise BundleError(f"bundle has no {flavor} {kind} graph; it carries {have}") from None
+
+
+def device_readme(manifest: dict[str, Any]) -> str:
+    """The short README that travels with a bundle."""
+    io = manifest["io"]["step"]
+    state = [t for t in io["inputs"] if t["name"] not in ("input_ids",)]
+    lines = [
+        f"# {manifest['model_name']} at width {manifest['width']} for {manifest['target']['name']}",
+        "",
+        f"Precision {manifest['precision']}; graphs: "
+        + ", ".join(f"{f} ({', '.join(sorted(k))})" for f, k in manifest["graphs"].items())
+        + ". Written by edgeseq; `manifest.json` lists every file with its sha256.",
+        "",
+        "Decode loop: feed `input_ids` [B, 1] and the state below (zeros at the start of a",
+        "stream); feed every `present.*` output back into the input it pairs with",
+        "(`state_pairs` in manifest.json), so memory stays constant however long the stream.",
+        "",
+        "| input | dtype | shape |",
+        "| --- | --- | --- |",
+        *(f"| `{t['name']}` | {t['dtype']} | {t['shape']} |" for t in state),
+        "",
+        "Prefill a prompt with `prefill.onnx` (`input_ids` [B, T], same state inputs), then",
+        "decode with `step.onnx`. From Python without PyTorch:",
+        "",
+        "```python",
+        "from edgeseq.runtimes.session import StreamingSession  # see edgeseq's README",
+        "```",
+        "",
+        f"Validation when exported: {manifest.get('validation', {}).get('summary', 'not run')}.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,332 @@
+"""Drive two runners through the same inputs and compare every output at every call.
+
+    prefill      each prompt from the zero state: one call when the graph takes the whole
+                 prompt, else token by token with the state fed back
+    decode       N steps from the zero state, every output compared at every step
+    long_stream  one decode stream of LONG_STEPS steps, judged on drift
+
+One decode step i, the state fed back per ``GraphIO.state_pairs``:
+
+    t_i --+--> reference.infer(input_ids=t_i, past.* = ref present.*(i-1))  --> ref_i --+
+          |                                                                           +--> Comparison.add
+          +--> candidate.infer(input_ids=t_i, past.* = cand present.*(i-1)) --> cand_i -+
+    t_{i+1} = given token, else argmax(ref_i.logits)
+
+Each side feeds back its own present state (that is what measures drift) while both see
+the same tokens. A runner is anything with ``infer(dict[str, np.ndarray]) -> dict``,
+already active: life cycles stay with the caller.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from edgeseq.export.spec import BATCH, GraphIO, Tolerance
+from edgeseq.validate.results import (  # noqa: F401  (re-exported: one import site for users)
+    LOGITS,
+    PHASE_CHECKS,
+    CompareResult,
+    Comparison,
+    Failure,
+    MissingOutput,
+    NonFinite,
+    PhaseResult,
+    ShapeMismatch,
+    ToleranceExceeded,
+    UnknownPrecisionError,
+    resolve_tolerance,
+)
+
+DECODE_STEPS = 256
+LONG_STEPS = 4096
+PROMPT_LENGTHS = (1, 7, 33)
+
+Feeds = dict[str, np.ndarray]
+Record = tuple[Feeds, dict[str, np.ndarray]]  # (inputs, outputs) of one reference call
+
+
+class Runner(Protocol):
+    def infer(self, feeds: Feeds) -> Mapping[str, np.ndarray]: ...
+
+
+# --- what the runners are fed ---------------------------------------------------------
+
+
+def token_input(io: GraphIO) -> str:
+    """The one input that is not state: ``input_ids``."""
+    state = {p for p, _ in io.state_pairs}
+    rest = [t.name for t in io.inputs if t.name not in state]
+    if len(rest) != 1:
+        raise ValueError(f"expected one token input besides the state, found {rest}")
+    return rest[0]
+
+
+def zero_state(io: GraphIO, batch: int = 1) -> Feeds:
+    """Zeros for every state input (``past.*``, ``position``), batch axis set to ``batch``."""
+    specs = {t.name: t for t in io.inputs}
+    state = {}
+    for name, _ in io.state_pairs:
+        shape = tuple(batch if d == BATCH else d for d in specs[name].shape)
+        if any(isinstance(d, str) for d in shape):
+            raise ValueError(f"state input {name} has a dynamic axis besides batch: {specs[name].shape}")
+        state[name] = np.zeros(shape, dtype=specs[name].dtype)
+    return state
+
+
+def vocab_size(io: GraphIO, logits: str = LOGITS) -> int:
+    (spec,) = [t for t in io.outputs if t.name == logits]
+    if not isinstance(spec.shape[-1], int):
+        raise ValueError(f"{logits} has a dynamic vocabulary axis; pass prompts and tokens explicitly")  # noqa: TRY004
+    return spec.shape[-1]
+
+
+def random_prompts(io: GraphIO, lengths: Sequence[int] = PROMPT_LENGTHS, seed: int = 0) -> list[np.ndarray]:
+    """One [1, T] int64 prompt of uniform random tokens per length."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size(io), size=(1, n), dtype=np.int64) for n in lengths]
+
+
+def takes_whole_prompt(io: GraphIO, length: int) -> bool:
+    (spec,) = [t for t in io.inputs if t.name == token_input(io)]
+    axis = spec.shape[1]
+    if isinstance(axis, str) or axis == length:
+        return True
+    if axis == 1:
+        return False
+    raise ValueError(f"a prompt of {length} tokens fits neither this graph's {axis} tokens per call nor a step")
+
+
+def as_tokens(tokens: np.ndarray) -> np.ndarray:
+    tokens = np.asarray(tokens, dtype=np.int64)
+    return tokens[None, :] if tokens.ndim == 1 else tokens  # [T] -> [1, T]
+
+
+# --- driving runners ------------------------------------------------------------------
+
+
+def infer_arrays(runner: Runner, feeds: Feeds) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in runner.infer(dict(feeds)).items()}
+
+
+def run_calls(
+    reference: Runner,
+    candidate: Runner | None,
+    feeds: Iterable[Feeds],
+    comparison: Comparison | None = None,
+    record: list[Record] | None = None,
+) -> int:
+    """Independent calls, the same feeds to both sides; stops at an uncomparable call.
+    ``candidate=None`` only runs (and records) the reference. Returns the calls made."""
+    calls = 0
+    for feed in feeds:
+        ref = infer_arrays(reference, feed)
+        calls += 1
+        if record is not None:
+            record.append((dict(feed), ref))
+        if candidate is not None and comparison is not None and not comparison.add(ref, infer_arrays(candidate, feed)):
+            break
+    return calls
+
+
+def run_stream(
+    reference: Runner,
+    candidate: Runner | None,
+    io: GraphIO,
+    steps: int,
+    comparison: Comparison | None = None,
+    *,
+    tokens: np.ndarray | None = None,
+    state: Feeds | None = None,
+    record: list[Record] | None = None,
+) -> int:
+    """``steps`` decode calls; each side feeds back its own state (diagram above).
+
+    tokens: [B, N] int64 forced for the first N steps (N may be < steps); afterwards, and
+    when None (then the first token is 0), the reference's argmax. state: the starting
+    state of both sides, zeros by default. Returns the calls made.
+    """
+    ids = token_input(io)
+    tokens = np.zeros((1, 1), np.int64) if tokens is None else as_tokens(tokens)
+    ref_state = dict(state) if state is not None else zero_state(io, tokens.shape[0])
+    cand_state = {k: v.copy() for k, v in ref_state.items()}  # no buffer shared between sides
+    token = tokens[:, :1]
+    for step in range(steps):
+        feeds = {ids: token, **ref_state}
+        ref = infer_arrays(reference, feeds)
+        if record is not None:
+            record.append((feeds, ref))
+        if candidate is not None and comparison is not None:
+            cand = infer_arrays(candidate, {ids: token.copy(), **cand_state})
+            if not comparison.add(ref, cand):
+                return step + 1
+            cand_state = {past: cand[present] for past, present in io.state_pairs}
+        ref_state = {past: ref[present] for past, present in io.state_pairs}
+        if step + 1 < tokens.shape[1]:
+            token = np.ascontiguousarray(tokens[:, step + 1 : step + 2])
+        else:
+            logits = ref[LOGITS]
+            last = logits[:, -1] if logits.ndim == 3 else logits  # [B, T, V] -> [B, V]
+            token = np.argmax(last, axis=-1).astype(np.int64)[:, None]
+    return steps
+
+
+# --- the phases -----------------------------------------------------------------------
+
+
+def _names(io: GraphIO) -> list[str]:
+    return [t.name for t in io.outputs]
+
+
+def compare_prefill(
+    reference: Runner,
+    candidate: Runner,
+    io: GraphIO,
+    prompts: Sequence[np.ndarray],
+    *,
+    tolerance: Tolerance | str = "fp32",
+    state_rel_l2: float | None = None,
+) -> PhaseResult:
+    """Each prompt ([T] or [B, T] int64) from the zero state, every output compared."""
+    _, tol = resolve_tolerance(tolerance)
+    comparison = Comparison("prefill", _names(io))
+    ids = token_input(io)
+    for prompt in map(as_tokens, prompts):
+        if takes_whole_prompt(io, prompt.shape[1]):
+            run_calls(reference, candidate, [{ids: prompt, **zero_state(io, prompt.shape[0])}], comparison)
+        else:
+            run_stream(reference, candidate, io, prompt.shape[1], comparison, tokens=prompt)
+        if not comparison.comparable:
+            break
+    return comparison.result(tol, state_rel_l2=state_rel_l2)
+
+
+def compare_decode(
+    reference: Runner,
+    candidate: Runner,
+    io: GraphIO,
+    steps: int = DECODE_STEPS,
+    *,
+    tolerance: Tolerance | str = "fp32",
+    tokens: np.ndarray | None = None,
+    seed: int = 0,
+    phase: str = "decode",
+    state_rel_l2: float | None = None,
+) -> PhaseResult:
+    """``steps`` decode steps from the zero state; without ``tokens``, the first token is
+    drawn from ``seed`` and the rest follow the reference's argmax."""
+    _, tol = resolve_tolerance(tolerance)
+    if tokens is None:
+        tokens = np.random.default_rng(seed).integers(0, vocab_size(io), size=(1, 1), dtype=np.int64)
+    comparison = Comparison(phase, _names(io))
+    run_stream(reference, candidate, io, steps, comparison, tokens=tokens)
+    return comparison.result(tol, state_rel_l2=state_rel_l2)
+
+
+def compare_long_stream(
+    reference: Runner,
+    candidate: Runner,
+    io: GraphIO,
+    steps: int = LONG_STEPS,
+    *,
+    tolerance: Tolerance | str = "fp32",
+    tokens: np.ndarray | None = None,
+    seed: int = 1,
+    state_rel_l2: float | None = None,
+) -> PhaseResult:
+    """One long decode stream, judged on drift; ``series["logits"]`` holds the per-step
+    max abs logit error."""
+    return compare_decode(
+        reference, candidate, io, steps, tolerance=tolerance, tokens=tokens, seed=seed,
+        phase="long_stream", state_rel_l2=state_rel_l2,
+    )  # fmt: skip
+
+
+def compare(
+    reference: Runner,
+    candidate: Runner,
+    io: GraphIO | None = None,
+    *,
+    tolerance: Tolerance | str = "fp32",
+    prompts: Sequence[np.ndarray] | None = None,
+    steps: int = DECODE_STEPS,
+    long_steps: int = LONG_STEPS,
+    seed: int = 0,
+    prefill: tuple[Runner, Runner, GraphIO] | None = None,
+    state_rel_l2: float | None = None,
+    reference_device: str | None = None,
+) -> CompareResult:
+    """Every phase: prefill on ``prompts`` (random ones from ``seed`` when None; () skips
+    it), ``steps`` decode steps and a ``long_steps`` stream (0 skips either).
+
+    io: the graph's I/O, by default ``reference.io``. prefill: (reference, candidate, io)
+    of separate prefill graphs; by default the same runners take the prompts, whole or
+    token by token.
+    """
+    io = io if io is not None else reference.io  # type: ignore[attr-defined]
+    precision, tol = resolve_tolerance(tolerance)
+    pre_ref, pre_cand, pre_io = prefill or (reference, candidate, io)
+    prompts = random_prompts(pre_io, seed=seed) if prompts is None else [as_tokens(p) for p in prompts]
+    result = CompareResult(
+        precision,
+        tol,
+        describe_runner(reference, reference_device),
+        describe_runner(candidate),
+        settings={
+            "prompt_shapes": [list(p.shape) for p in prompts],
+            "steps": steps,
+            "long_steps": long_steps,
+            "seed": seed,
+            "state_rel_l2": state_rel_l2,
+            "io": io.to_dict(),
+        },
+    )
+    if prompts:
+        result.phases["prefill"] = compare_prefill(
+            pre_ref, pre_cand, pre_io, prompts, tolerance=tol, state_rel_l2=state_rel_l2
+        )
+    if steps:
+        result.phases["decode"] = compare_decode(
+            reference, candidate, io, steps, tolerance=tol, seed=seed, state_rel_l2=state_rel_l2
+        )
+    if long_steps:
+        result.phases["long_stream"] = compare_long_stream(
+            reference, candidate, io, long_steps, tolerance=tol, seed=seed + 1, state_rel_l2=state_rel_l2
+        )
+    return result
+
+
+# --- who ran ---------------------------------------------------------------------------
+
+
+def describe_runner(runner: object, device: str | None = None) -> dict:
+    """Name, class and device of a runner, for the report."""
+    cls = type(runner)
+    return {
+        "name": getattr(runner, "name", None) or cls.__name__,
+        "type": f"{cls.__module__}.{cls.__qualname__}",
+        "device": device or runner_device(runner),
+    }
+
+
+def runner_device(runner: object) -> str:
+    """``runner.device`` as text ("cpu", "cuda:NVIDIA H100"), else its execution
+    providers, else "unknown". Names a CUDA device through torch only when torch is already loaded."""
+    device = getattr(runner, "device", None)
+    if device is None:
+        for attr in ("providers_used", "providers_requested", "providers"):  # onnxruntime runners
+            if providers := getattr(runner, attr, None):
+                return ",".join(p if isinstance(p, str) else str(p[0]) for p in providers)
+        return "unknown"
+    text = str(device)
+    torch = sys.modules.get("torch")
+    if text.startswith("cuda") and torch is not None:
+        try:
+            index = int(text.split(":")[1]) if ":" in text else torch.cuda.current_device()
+            return f"cuda:{torch.cuda.get_device_name(index)}"
+        except Exception:  # noqa: BLE001  (a description must never fail the validation)
+            return text
+    return text

@@ -1,0 +1,165 @@
+"""What a comparison leaves behind: a JSON report, a rich table, a PNG of the drift.
+
+The JSON report is the audit record: runners and their devices, precision, the tolerance
+used and which of its checks each phase judged, per-output statistics of every phase,
+the per-call max abs logit error series, pass/fail and the failures. Non-finite numbers
+are written as the strings "inf", "-inf", "nan" so the file stays strict JSON.
+``bpb_delta`` is recorded with the tolerance but judged by the evaluation, not here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from edgeseq.errors import EdgeseqError
+from edgeseq.validate._files import atomic_file
+from edgeseq.validate.results import CompareResult
+
+REPORT_FORMAT = "edgeseq.validate.report/1"
+
+
+class ReportError(EdgeseqError):
+    """A report cannot be written or read."""
+
+
+def report_dict(result: CompareResult | Mapping, *, reference_device: str | None = None, extra: Mapping | None = None) -> dict:
+    """The JSON-ready report of a result (or an already loaded report, returned as is)."""
+    if not isinstance(result, CompareResult):
+        return dict(result)
+    from edgeseq import __version__
+
+    body = result.to_dict()
+    if reference_device is not None:
+        body["runners"]["reference"]["device"] = reference_device
+    head = {
+        "format": REPORT_FORMAT,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": {"edgeseq": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                        "machine": platform.machine(), "system": platform.system()},
+    }  # fmt: skip
+    return _strict({**head, **body, "extra": dict(extra or {})})
+
+
+def _strict(x: object) -> object:
+    """Non-finite floats as strings, tuples as lists, numpy scalars as Python numbers."""
+    if isinstance(x, Mapping):
+        return {str(k): _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def write_report(result: CompareResult | Mapping, path: str | Path, **kwargs) -> Path:
+    """Write the JSON report atomically; kwargs go to ``report_dict``."""
+    text = json.dumps(report_dict(result, **kwargs), indent=1, allow_nan=False)
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text + "\n")
+    return path
+
+
+def load_report(path: str | Path) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ReportError(f"cannot read the report {path} ({type(e).__name__}); run the validation again") from None
+    if report.get("format") != REPORT_FORMAT:
+        raise ReportError(f"{path} is not an edgeseq validation report ({REPORT_FORMAT})")
+    return report
+
+
+def _fmt(x: object) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def print_report(result: CompareResult | Mapping, console: Console | None = None) -> None:
+    """A table of every phase and output, then the failures, one line each."""
+    report = report_dict(result)
+    console = console or Console()
+    ref, cand = report["runners"]["reference"], report["runners"]["candidate"]
+    verdict = "[green]PASS[/]" if report["passed"] else "[red]FAIL[/]"
+    console.print(
+        f"{verdict} {escape(ref['name'])} ({escape(str(ref['device']))}) vs {escape(cand['name'])} "
+        f"({escape(str(cand['device']))}), precision {report['precision'] or 'custom'}"
+    )
+    tol = ", ".join(f"{k} {v}" for k, v in report["tolerance"].items())
+    console.print(f"tolerance: {escape(tol)}")
+    table = Table("phase", "output", "calls", "max abs", "rel L2", "cosine", "top-1", "KL", "status")
+    for phase, body in report["phases"].items():
+        failing = {f["output"] for f in body["failures"]}
+        for name, s in body["outputs"].items():
+            status = "[red]fail[/]" if name in failing else "[green]ok[/]"
+            table.add_row(
+                phase, escape(name), str(s["calls"]), _fmt(s["max_abs"]), _fmt(s["rel_l2"]),
+                _fmt(s["cosine"]), _fmt(s["top1_agreement"]), _fmt(s["kl"]), status,
+            )  # fmt: skip
+    console.print(table)
+    for f in report["failures"]:
+        console.print(f"[red]x[/] {escape(_describe_failure(f))}")
+
+
+def _describe_failure(f: Mapping) -> str:
+    where = f"{f['phase']}/{f['output']}"
+    if f["kind"] == "tolerance":
+        at = f" (first at call {f['call']})" if f.get("call") is not None else ""
+        return f"{where}: {f['metric']} {_fmt(f['value'])} vs limit {_fmt(f['limit'])}{at}"
+    details = ", ".join(f"{k} {v}" for k, v in f.items() if k not in ("kind", "phase", "output"))
+    return f"{where}: {f['kind']} ({details})"
+
+
+def plot_drift(result: CompareResult | Mapping, path: str | Path, *, phase: str = "long_stream", output: str = "logits") -> Path:
+    """PNG of the per-step max abs error of ``output`` over ``phase``, log y, with the
+    limit it is judged against; written atomically. Exact zeros sit on a floor line."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ReportError("plotting needs matplotlib; pip install 'edgeseq[export]'") from None
+    report = report_dict(result)
+    if phase not in report["phases"] or output not in report["phases"][phase]["series"]:
+        raise ReportError(f"the report has no {phase}/{output} series to plot; run the {phase} phase")
+    series = np.array([_number(v) for v in report["phases"][phase]["series"][output]], dtype=np.float64)
+    limit_name = "drift" if phase == "long_stream" else "max_abs_logit"
+    limit = report["tolerance"][limit_name]
+    positive = series[(series > 0) & np.isfinite(series)]
+    floor = float(positive.min()) / 10 if positive.size else limit * 1e-6
+    shown = np.where(np.isnan(series), np.inf, np.maximum(series, floor))
+
+    fig = Figure(figsize=(8, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(np.arange(series.size), np.minimum(shown, 1e30), lw=0.8, label=f"max |candidate - reference| ({output})")
+    ax.axhline(limit, color="tab:red", ls="--", lw=1, label=f"{limit_name} limit {limit:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max abs error")
+    ref, cand = report["runners"]["reference"]["name"], report["runners"]["candidate"]["name"]
+    ax.set_title(f"{phase}: {cand} vs {ref} ({report['precision'] or 'custom'})", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def _number(v: object) -> float:
+    return float(v)  # float("inf"), float("nan") read the strict-JSON strings back

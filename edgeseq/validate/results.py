@@ -1,0 +1,279 @@
+"""Reference-vs-candidate results: accumulated statistics, typed failures, pass/fail.
+
+A ``Comparison`` folds in the outputs of many calls (a phase: prefill prompts, decode
+steps, one long stream) and judges them against a ``Tolerance``; its ``PhaseResult`` and
+the ``CompareResult`` of all phases are truthy exactly when they pass. How runners are
+driven to produce those outputs lives in ``edgeseq.validate.compare``, which re-exports
+everything here.
+
+What is judged, per phase (``PHASE_CHECKS``):
+  prefill, decode, golden:  logits max abs <= max_abs_logit, top-1 >= top1_agreement, KL <= kl
+  long_stream:              logits max abs <= drift
+  every phase:              every output present, shapes equal, no stray non-finite values,
+                            integer outputs (present.position) exactly equal,
+                            float states rel L2 <= state_rel_l2 when one is given
+States are otherwise judged through their effect on later logits, which is what the
+long stream measures; per-state statistics are always reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from edgeseq.errors import EdgeseqError
+from edgeseq.export.spec import TOLERANCES, Tolerance
+from edgeseq.validate.metrics import ErrorAccumulator, OutputStats
+
+LOGITS = "logits"
+PHASE_CHECKS: dict[str, tuple[str, ...]] = {
+    "prefill": ("max_abs_logit", "top1_agreement", "kl"),
+    "decode": ("max_abs_logit", "top1_agreement", "kl"),
+    "golden": ("max_abs_logit", "top1_agreement", "kl"),
+    "long_stream": ("drift",),
+}
+_AT_LEAST = {"top1_agreement"}  # every other check is an upper limit
+
+
+class UnknownPrecisionError(EdgeseqError):
+    """A precision name with no tolerance in ``export.spec.TOLERANCES``."""
+
+
+def resolve_tolerance(tolerance: Tolerance | str) -> tuple[str | None, Tolerance]:
+    """(precision name or None, tolerance) from a precision name or a ``Tolerance``."""
+    if isinstance(tolerance, Tolerance):
+        named = [k for k, v in TOLERANCES.items() if v == tolerance]
+        return (named[0] if named else None), tolerance
+    if tolerance not in TOLERANCES:
+        raise UnknownPrecisionError(f"no tolerance for precision {tolerance!r}; use one of {', '.join(TOLERANCES)}")
+    return tolerance, TOLERANCES[tolerance]
+
+
+# --- typed failures -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a phase failed, for one output."""
+
+    kind: ClassVar[str] = "failure"
+    phase: str
+    output: str
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class MissingOutput(Failure):
+    kind: ClassVar[str] = "missing_output"
+    side: str  # "reference" or "candidate"
+    call: int
+
+    def __str__(self) -> str:
+        return f"{self.phase}/{self.output}: missing from the {self.side}'s outputs (call {self.call})"
+
+
+@dataclass(frozen=True)
+class ShapeMismatch(Failure):
+    kind: ClassVar[str] = "shape_mismatch"
+    shape: tuple[int, ...]
+    expected: tuple[int, ...]
+    call: int
+
+    def __str__(self) -> str:
+        return f"{self.phase}/{self.output}: candidate shape {self.shape} != reference {self.expected} (call {self.call})"
+
+
+@dataclass(frozen=True)
+class NonFinite(Failure):
+    kind: ClassVar[str] = "nonfinite"
+    count: int  # over the whole phase
+    call: int  # first call with one
+
+    def __str__(self) -> str:
+        return f"{self.phase}/{self.output}: {self.count} non-finite candidate values, first at call {self.call}"
+
+
+@dataclass(frozen=True)
+class ToleranceExceeded(Failure):
+    kind: ClassVar[str] = "tolerance"
+    metric: str  # a Tolerance field, "exact" (integer outputs) or "state_rel_l2"
+    value: float
+    limit: float
+    call: int | None = None  # first call past the limit, where a per-call series exists
+
+    def __str__(self) -> str:
+        op = "<" if self.metric in _AT_LEAST else ">"
+        where = f" (first at call {self.call})" if self.call is not None else ""
+        return f"{self.phase}/{self.output}: {self.metric} {self.value:.4g} {op} limit {self.limit:.4g}{where}"
+
+
+# --- results --------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    """One phase's statistics per output and its failures; truthy when it passes."""
+
+    phase: str
+    calls: int
+    outputs: dict[str, OutputStats]
+    series: dict[str, list[float]]  # per-call max abs error, for the outputs that keep one
+    failures: list[Failure]
+    checks: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+    @property
+    def passed(self) -> bool:
+        return bool(self)
+
+    def to_dict(self) -> dict:
+        return {
+            "phase": self.phase,
+            "passed": self.passed,
+            "calls": self.calls,
+            "checks": list(self.checks),
+            "outputs": {name: s.to_dict() for name, s in self.outputs.items()},
+            "series": {name: list(v) for name, v in self.series.items()},
+            "failures": [f.to_dict() for f in self.failures],
+        }
+
+
+@dataclass
+class CompareResult:
+    """Every phase of one reference-vs-candidate comparison; truthy when all pass."""
+
+    precision: str | None
+    tolerance: Tolerance
+    reference: dict  # describe_runner() of each side
+    candidate: dict
+    phases: dict[str, PhaseResult] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # steps, prompts, seed: what reruns it
+
+    def __bool__(self) -> bool:
+        return all(self.phases.values())
+
+    @property
+    def passed(self) -> bool:
+        return bool(self)
+
+    @property
+    def failures(self) -> list[Failure]:
+        return [f for p in self.phases.values() for f in p.failures]
+
+    def summary(self) -> str:
+        verdict = "PASS" if self else "FAIL"
+        ran = ", ".join(f"{name} {p.calls} calls" for name, p in self.phases.items()) or "nothing compared"
+        head = (
+            f"{verdict}: {self.reference['name']} vs {self.candidate['name']} "
+            f"at {self.precision or 'custom tolerance'}: {ran}"
+        )
+        return "\n".join([head, *(f"  {f}" for f in self.failures)])
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "precision": self.precision,
+            "tolerance": asdict(self.tolerance),
+            "runners": {"reference": dict(self.reference), "candidate": dict(self.candidate)},
+            "settings": dict(self.settings),
+            "phases": {name: p.to_dict() for name, p in self.phases.items()},
+            "failures": [f.to_dict() for f in self.failures],
+        }
+
+
+# --- accumulation ---------------------------------------------------------------------
+
+
+class Comparison:
+    """Accumulates the statistics of every named output over the calls of one phase.
+
+    ``add`` takes one call's outputs from each side and returns False when the call could
+    not be compared (an output missing, shapes differing): a stream cannot go on from it.
+    """
+
+    def __init__(self, phase: str, outputs: Sequence[str], logits: str = LOGITS, series: Sequence[str] = (LOGITS,)):
+        self.phase, self.outputs, self.logits = phase, tuple(outputs), logits
+        self.calls = 0
+        self._acc = {name: ErrorAccumulator(name, logits=name == logits) for name in self.outputs}
+        self._series: dict[str, list[float]] = {name: [] for name in series if name in self._acc}
+        self._integer: set[str] = set()
+        self._first_nonfinite: dict[str, int] = {}
+        self._structural: list[Failure] = []
+
+    @property
+    def comparable(self) -> bool:
+        """False once a call could not be compared; a phase stops there."""
+        return not self._structural
+
+    def add(self, reference: Mapping[str, object], candidate: Mapping[str, object]) -> bool:
+        call, self.calls = self.calls, self.calls + 1
+        ok = True
+        for name in self.outputs:
+            for side, outs in (("reference", reference), ("candidate", candidate)):
+                if name not in outs:
+                    self._structural.append(MissingOutput(self.phase, name, side, call))
+                    ok = False
+            if name not in reference or name not in candidate:
+                continue
+            r, c = np.asarray(reference[name]), np.asarray(candidate[name])
+            if r.shape != c.shape:
+                self._structural.append(ShapeMismatch(self.phase, name, tuple(c.shape), tuple(r.shape), call))
+                ok = False
+                continue
+            if r.dtype.kind in "iub":
+                self._integer.add(name)
+            acc = self._acc[name]
+            before = acc.nonfinite
+            call_max = acc.add(r, c)
+            if acc.nonfinite > before:
+                self._first_nonfinite.setdefault(name, call)
+            if name in self._series:
+                self._series[name].append(call_max)
+        return ok
+
+    def result(self, tolerance: Tolerance, checks: Sequence[str] | None = None, state_rel_l2: float | None = None) -> PhaseResult:
+        checks = tuple(PHASE_CHECKS.get(self.phase, PHASE_CHECKS["decode"]) if checks is None else checks)
+        stats = {name: acc.stats() for name, acc in self._acc.items() if acc.calls}
+        failures = list(self._structural)
+        for s in stats.values():
+            failures += self._judge(s, tolerance, checks, state_rel_l2)
+        series = {name: list(v) for name, v in self._series.items()}
+        return PhaseResult(self.phase, self.calls, stats, series, failures, checks)
+
+    def _judge(self, s: OutputStats, tol: Tolerance, checks: tuple[str, ...], state_rel_l2: float | None) -> list[Failure]:
+        out: list[Failure] = []
+        if s.nonfinite:
+            out.append(NonFinite(self.phase, s.name, s.nonfinite, self._first_nonfinite[s.name]))
+        if s.name in self._integer:
+            if s.max_abs != 0:
+                out.append(ToleranceExceeded(self.phase, s.name, "exact", s.max_abs, 0.0, self._first_over(s.name, 0.0)))
+        elif s.name == self.logits:
+            values = {"max_abs_logit": s.max_abs, "drift": s.max_abs, "top1_agreement": s.top1_agreement, "kl": s.kl}
+            for check in checks:
+                value, limit = values[check], getattr(tol, check)
+                if not _within(check, value, limit):
+                    call = self._first_over(s.name, limit) if check in ("max_abs_logit", "drift") else None
+                    out.append(ToleranceExceeded(self.phase, s.name, check, value, limit, call))
+        elif state_rel_l2 is not None and not _within("state_rel_l2", s.rel_l2, state_rel_l2):
+            out.append(ToleranceExceeded(self.phase, s.name, "state_rel_l2", s.rel_l2, state_rel_l2))
+        return out
+
+    def _first_over(self, name: str, limit: float) -> int | None:
+        for i, v in enumerate(self._series.get(name, ())):
+            if not v <= limit:
+                return i
+        return None
+
+
+def _within(check: str, value: float | None, limit: float) -> bool:
+    if value is None or math.isnan(value):
+        return False  # written so that NaN never passes
+    return value >= limit if check in _AT_LEAST else value <= limit

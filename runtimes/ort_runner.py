@@ -1,0 +1,93 @@
+"""onnxruntime runner. Torch-free: an app can ship it with numpy and onnxruntime only.
+
+The InferenceSession is built on activate() (graph optimization ALL); ``providers_used``
+then says which execution providers onnxruntime actually took, which may be fewer than
+were asked for (it falls back to CPU for a provider it lacks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from edgeseq.export.spec import GraphIO, TensorSpec
+from edgeseq.runtimes.base import Runner, RunnerNotActiveError, check_declared, io_from_specs
+
+log = logging.getLogger(__name__)
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+class OnnxRuntimeRunner(Runner):
+    def __init__(
+        self,
+        path_or_bytes: str | os.PathLike | bytes,
+        providers: Sequence[str | tuple[str, dict]] | None = None,
+        intra_op_threads: int | None = None,
+        io: GraphIO | None = None,
+        name: str | None = None,
+    ):
+        """``io`` declares the graph's I/O (from ``graph_io``); without it the runner reads
+        the I/O from the session on activate."""
+        source = path_or_bytes if isinstance(path_or_bytes, bytes) else os.fspath(path_or_bytes)
+        super().__init__(name or ("onnxruntime" if isinstance(source, bytes) else f"onnxruntime:{os.path.basename(source)}"))
+        self.source = source
+        self.providers_requested = list(providers) if providers else ["CPUExecutionProvider"]
+        self.intra_op_threads = intra_op_threads
+        self._declared_io = io
+        self._session_io: GraphIO | None = None
+        self._session = None
+        self.providers_used: list[str] = []
+
+    @property
+    def io(self) -> GraphIO:
+        if self._declared_io is not None:
+            return self._declared_io
+        if self._session_io is None:
+            raise RunnerNotActiveError(f"runner {self.name!r} reads its I/O from the graph; activate it first or pass io=")
+        return self._session_io
+
+    def _activate(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = self.intra_op_threads
+        self._session = ort.InferenceSession(self.source, sess_options=options, providers=self.providers_requested)
+        self.providers_used = list(self._session.get_providers())
+        asked = [p if isinstance(p, str) else p[0] for p in self.providers_requested]
+        if dropped := [p for p in asked if p not in self.providers_used]:
+            log.warning("%s: onnxruntime did not take %s; running on %s", self.name, dropped, self.providers_used)
+        self._session_io = _session_io(self._session)
+        if self._declared_io is not None:
+            check_declared(self.name, self._declared_io, self._session_io)
+
+    def _deactivate(self) -> None:
+        self._session = None
+        self._session_io = None
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [t.name for t in self.io.outputs]
+        return dict(zip(names, self._session.run(names, feeds)))
+
+
+def _session_io(session) -> GraphIO:
+    def spec(arg) -> TensorSpec:
+        shape = tuple(d if isinstance(d, (int, str)) else "?" for d in arg.shape)
+        return TensorSpec(arg.name, _ORT_DTYPES.get(arg.type, arg.type), shape)
+
+    return io_from_specs(tuple(map(spec, session.get_inputs())), tuple(map(spec, session.get_outputs())))

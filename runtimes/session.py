@@ -1,0 +1,126 @@
+"""StreamingSession: the app-facing decode loop over any runner. Torch-free.
+
+    session = StreamingSession(step_runner, prefill_runner)   # runners already active
+    logits = session.prefill(prompt_ids)                      # [V]
+    logits = session.step(next_token)                         # [V]
+    blob = session.save_state()                               # safetensors bytes
+    session.load_state(blob)                                  # resume exactly there
+
+The session holds the state as the step graph's inputs (``past.*`` and, with attention,
+``position``) and after every call feeds each ``present.*`` output back into the input
+it pairs with (``GraphIO.state_pairs``). It always counts the tokens consumed, also for
+Mamba2-only graphs that have no ``position`` input; the count is saved with the state.
+
+With ``batch=B`` the session runs B streams in lockstep: prefill takes [B, T] ids, step
+takes B tokens, and both return [B, V] logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from edgeseq.errors import EdgeseqError
+from edgeseq.export.spec import GraphIO
+from edgeseq.runtimes.base import FeedError, GraphIOError, Runner
+
+POSITION = "position"
+
+
+class StateError(EdgeseqError):
+    """Saved state bytes do not fit this session's graph."""
+
+
+class StreamingSession:
+    def __init__(self, step_runner: Runner, prefill_runner: Runner | None = None, io: GraphIO | None = None, batch: int = 1):
+        self.step_runner, self.prefill_runner = step_runner, prefill_runner
+        self.io = io or step_runner.io
+        self.batch = batch
+        self._state_specs = {t.name: t for t in self.io.inputs if t.name != "input_ids"}
+        self._pairs = dict(self.io.state_pairs)  # input name -> output name
+        unpaired = sorted(self._state_specs.keys() - self._pairs.keys())
+        if unpaired:
+            raise GraphIOError(f"step graph inputs {unpaired} have no present.* output to feed them; re-export the graph")
+        if prefill_runner is not None:
+            theirs = {t.name for t in prefill_runner.io.inputs if t.name != "input_ids"}
+            if theirs != self._state_specs.keys():
+                raise GraphIOError("the prefill and step graphs carry different state; export both from one model")
+        self.reset()
+
+    # -- state ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Start a fresh stream: every state tensor zero, position 0."""
+        self._state = {name: np.zeros(self._shape(spec.shape), spec.dtype) for name, spec in self._state_specs.items()}
+        self._position = np.zeros(self.batch, np.int64)
+
+    @property
+    def position(self) -> int | np.ndarray:
+        """Tokens consumed so far (an int; a [B] array with batch > 1)."""
+        return int(self._position[0]) if self.batch == 1 else self._position.copy()
+
+    def save_state(self) -> bytes:
+        """The stream's state as safetensors bytes: the state inputs by name, plus ``position``."""
+        tensors = {**self._state, POSITION: self._position}
+        # safetensors (0.8) writes a strided array's raw buffer, not its elements: make each contiguous
+        return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+
+    def load_state(self, data: bytes) -> None:
+        """Resume from ``save_state`` bytes; raise StateError (and keep the current state)
+        unless they hold exactly this graph's state names, shapes and dtypes."""
+        try:
+            tensors = safetensors.numpy.load(bytes(data))
+        except (safetensors.SafetensorError, TypeError, ValueError, KeyError) as e:  # damaged or foreign bytes
+            raise StateError(f"state bytes are not a saved session state ({type(e).__name__}: {e})") from None
+        want = {**{n: (self._shape(s.shape), s.dtype) for n, s in self._state_specs.items()}, POSITION: ((self.batch,), "int64")}
+        missing, unknown = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
+        if missing or unknown:
+            raise StateError(f"saved state does not fit this graph: missing {missing}, unexpected {unknown}")
+        for name, (shape, dtype) in want.items():
+            t = tensors[name]
+            if t.shape != shape or t.dtype != np.dtype(dtype):
+                raise StateError(f"saved {name!r} is {t.dtype}{list(t.shape)}; this session wants {dtype}{list(shape)}")
+        self._position = tensors.pop(POSITION)
+        self._state = tensors if POSITION not in self._state_specs else {**tensors, POSITION: self._position.copy()}
+
+    # -- decoding ---------------------------------------------------------------------
+
+    def prefill(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Consume a prompt (T ids, or [B, T]); logits after its last token, [V] or [B, V].
+        Runs the prefill graph once if there is one, else the step graph T times."""
+        ids = self._ids(ids)
+        if ids.shape[1] == 0:
+            raise FeedError("prefill needs at least one token")
+        if self.prefill_runner is None:
+            for t in range(ids.shape[1]):
+                logits = self._run(self.step_runner, ids[:, t : t + 1])
+        else:
+            logits = self._run(self.prefill_runner, ids)
+        return logits[0] if self.batch == 1 else logits
+
+    def step(self, token: int | Sequence[int] | np.ndarray) -> np.ndarray:
+        """Consume one token per stream; logits [V] (or [B, V])."""
+        logits = self._run(self.step_runner, self._ids(np.reshape(np.asarray(token, np.int64), (-1, 1))))
+        return logits[0] if self.batch == 1 else logits
+
+    def _run(self, runner: Runner, ids: np.ndarray) -> np.ndarray:
+        out = runner.infer({"input_ids": ids, **self._state})
+        self._state = {name: out[self._pairs[name]] for name in self._state_specs}
+        # the graph counts position when it has one; Mamba2-only graphs do not, so count here
+        self._position = self._state[POSITION].copy() if POSITION in self._state else self._position + ids.shape[1]
+        logits = out["logits"]  # [B, V], or [B, T, V] from a graph exported with all_logits
+        return logits[:, -1] if logits.ndim == 3 else logits
+
+    def _ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        ids = ids[None] if ids.ndim == 1 and self.batch == 1 else ids
+        if ids.ndim != 2 or ids.shape[0] != self.batch:
+            raise FeedError(f"token ids of shape {ids.shape} do not fit {self.batch} stream(s); pass [T] or [B, T]")
+        return ids
+
+    def _shape(self, shape: tuple[int | str, ...]) -> tuple[int, ...]:
+        """A state spec's shape for this session: its one named (dynamic) axis is the batch."""
+        return tuple(self.batch if isinstance(d, str) else d for d in shape)

@@ -1,0 +1,63 @@
+"""edgeseq.testing: the parity assertions users put in their CI."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+from validate_toy import ToyRunner, toy_io
+
+from edgeseq.testing import assert_bundle_parity, assert_parity
+from edgeseq.validate.report import load_report
+
+SMALL = {"steps": 6, "long_steps": 30, "prompts": [np.array([2, 7, 1])]}
+
+
+@pytest.fixture
+def seed():
+    return int(np.random.default_rng().integers(2**31))
+
+
+def test_assert_parity_returns_the_result_when_it_holds(seed):
+    result = assert_parity(ToyRunner(seed), ToyRunner(seed), toy_io(), "fp16", seed=seed, **SMALL)
+    assert result and set(result.phases) == {"prefill", "decode", "long_stream"}
+
+
+def test_assert_parity_fails_with_a_readable_summary(tmp_path, seed):
+    report, plot = tmp_path / "parity.json", tmp_path / "drift.png"
+    with pytest.raises(AssertionError) as info:
+        assert_parity(ToyRunner(seed, "ref"), ToyRunner(seed, "cand", logit_offset=0.2), toy_io(), "fp16",
+                      seed=seed, report=report, plot=plot, **SMALL)  # fmt: skip
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("FAIL: ref vs cand at fp16")
+    assert "  decode/logits: max_abs_logit 0.2 > limit 0.05 (first at call 0)" in lines
+    assert lines[-1] == f"report: {report}"
+    assert load_report(report)["passed"] is False and plot.stat().st_size > 0  # written before raising
+
+
+def test_assert_bundle_parity_loads_activates_and_releases_runners(tmp_path, seed):
+    runners = (ToyRunner(seed), ToyRunner(seed))
+    seen = {}
+
+    def load_runners(bundle_dir):
+        seen["dir"] = bundle_dir
+        return (*runners, toy_io(), "fp32")
+
+    class Watch(ToyRunner):  # records whether it was active while inferring
+        def infer(self, feeds):
+            assert self.active
+            return super().infer(feeds)
+
+    runners = (Watch(seed), Watch(seed))
+    result = assert_bundle_parity(tmp_path / "bundle", load_runners=load_runners, seed=seed, **SMALL)
+    assert result and seen["dir"] == tmp_path / "bundle"
+    assert not any(r.active for r in runners) and all(r.calls for r in runners)
+
+
+@pytest.mark.parametrize("bundle_module", [None, types.ModuleType("edgeseq.bundle")])
+def test_assert_bundle_parity_without_a_bundle_loader(tmp_path, monkeypatch, bundle_module):
+    monkeypatch.setitem(sys.modules, "edgeseq.bundle", bundle_module)  # no module, or one without load_runners
+    with pytest.raises(ImportError, match="pass load_runners="):
+        assert_bundle_parity(tmp_path)
