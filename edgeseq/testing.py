@@ -36,6 +36,7 @@ def assert_parity(
     long_steps: int = LONG_STEPS,
     prompts: Sequence[np.ndarray] | None = None,
     seed: int = 0,
+    tokens: np.ndarray | None = None,
     prefill: tuple[Runner, Runner, GraphIO] | None = None,
     state_rel_l2: float | None = None,
     report: str | Path | None = None,
@@ -47,7 +48,7 @@ def assert_parity(
     report and the drift PNG, pass or fail."""
     result = compare(
         reference_runner, candidate_runner, io, tolerance=precision, prompts=prompts, steps=steps,
-        long_steps=long_steps, seed=seed, prefill=prefill, state_rel_l2=state_rel_l2,
+        long_steps=long_steps, seed=seed, tokens=tokens, prefill=prefill, state_rel_l2=state_rel_l2,
     )  # fmt: skip
     _record_and_judge(result, report, plot)
     return result

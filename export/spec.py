@@ -39,6 +39,11 @@ class GraphIO:
     outputs: tuple[TensorSpec, ...]
     state_pairs: tuple[tuple[str, str], ...]  # (input name, output name) fed back each call
 
+    @classmethod
+    def from_dict(cls, d: dict) -> GraphIO:
+        spec = lambda t: TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))  # noqa: E731
+        return cls(tuple(map(spec, d["inputs"])), tuple(map(spec, d["outputs"])), tuple(map(tuple, d["state_pairs"])))
+
     def to_dict(self) -> dict:
         return {
             "inputs": [t.to_dict() for t in self.inputs],

@@ -127,7 +127,10 @@ def run_calls(
         calls += 1
         if record is not None:
             record.append((dict(feed), ref))
-        if candidate is not None and comparison is not None and not comparison.add(ref, infer_arrays(candidate, feed)):
+        if candidate is None or comparison is None:
+            continue
+        own = {k: np.array(v) for k, v in feed.items()}  # no buffer shared between sides
+        if not comparison.add(ref, infer_arrays(candidate, own)):
             break
     return calls
 
@@ -153,7 +156,7 @@ def run_stream(
     tokens = np.zeros((1, 1), np.int64) if tokens is None else as_tokens(tokens)
     ref_state = dict(state) if state is not None else zero_state(io, tokens.shape[0])
     cand_state = {k: v.copy() for k, v in ref_state.items()}  # no buffer shared between sides
-    token = tokens[:, :1]
+    token = np.ascontiguousarray(tokens[:, :1])
     for step in range(steps):
         feeds = {ids: token, **ref_state}
         ref = infer_arrays(reference, feeds)
@@ -255,12 +258,15 @@ def compare(
     steps: int = DECODE_STEPS,
     long_steps: int = LONG_STEPS,
     seed: int = 0,
+    tokens: np.ndarray | None = None,
     prefill: tuple[Runner, Runner, GraphIO] | None = None,
     state_rel_l2: float | None = None,
     reference_device: str | None = None,
 ) -> CompareResult:
     """Every phase: prefill on ``prompts`` (random ones from ``seed`` when None; () skips
-    it), ``steps`` decode steps and a ``long_steps`` stream (0 skips either).
+    it), ``steps`` decode steps and a ``long_steps`` stream (0 skips either); both
+    streams start with ``tokens`` ([B, N]) when given, else a token drawn from ``seed``,
+    and go on with the reference's argmax.
 
     io: the graph's I/O, by default ``reference.io``. prefill: (reference, candidate, io)
     of separate prefill graphs; by default the same runners take the prompts, whole or
@@ -280,6 +286,7 @@ def compare(
             "steps": steps,
             "long_steps": long_steps,
             "seed": seed,
+            "tokens": None if tokens is None else as_tokens(tokens).tolist(),
             "state_rel_l2": state_rel_l2,
             "io": io.to_dict(),
         },
@@ -290,11 +297,11 @@ def compare(
         )
     if steps:
         result.phases["decode"] = compare_decode(
-            reference, candidate, io, steps, tolerance=tol, seed=seed, state_rel_l2=state_rel_l2
+            reference, candidate, io, steps, tolerance=tol, tokens=tokens, seed=seed, state_rel_l2=state_rel_l2
         )
     if long_steps:
         result.phases["long_stream"] = compare_long_stream(
-            reference, candidate, io, long_steps, tolerance=tol, seed=seed + 1, state_rel_l2=state_rel_l2
+            reference, candidate, io, long_steps, tolerance=tol, tokens=tokens, seed=seed + 1, state_rel_l2=state_rel_l2
         )
     return result
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -82,16 +83,20 @@ def load_report(path: str | Path) -> dict:
     return report
 
 
-def _fmt(x: object) -> str:
+def _fmt(x: object, digits: int = 2) -> str:
     if x is None:
         return "-"
     if isinstance(x, str):
         return x
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _one_minus(cosine: float | str) -> float | str:
+    return 1.0 - cosine if isinstance(cosine, float) else cosine  # "nan" stays as written
 
 
 def print_report(result: CompareResult | Mapping, console: Console | None = None) -> None:
-    """A table of every phase and output, then the failures, one line each."""
+    """A table per phase of every output, then the failures, one line each."""
     report = report_dict(result)
     console = console or Console()
     ref, cand = report["runners"]["reference"], report["runners"]["candidate"]
@@ -102,27 +107,20 @@ def print_report(result: CompareResult | Mapping, console: Console | None = None
     )
     tol = ", ".join(f"{k} {v}" for k, v in report["tolerance"].items())
     console.print(f"tolerance: {escape(tol)}")
-    table = Table("phase", "output", "calls", "max abs", "rel L2", "cosine", "top-1", "KL", "status")
     for phase, body in report["phases"].items():
         failing = {f["output"] for f in body["failures"]}
+        title = f"{phase}: {body['calls']} calls, judged on {', '.join(body['checks'])}"
+        table = Table("output", "max abs", "rel L2", "1-cos", "top-1", "KL", "", title=title, box=box.SIMPLE_HEAD)
+        table.columns[0].no_wrap = True
         for name, s in body["outputs"].items():
-            status = "[red]fail[/]" if name in failing else "[green]ok[/]"
+            status = "[red]FAIL[/]" if name in failing else "[green]ok[/]"
             table.add_row(
-                phase, escape(name), str(s["calls"]), _fmt(s["max_abs"]), _fmt(s["rel_l2"]),
-                _fmt(s["cosine"]), _fmt(s["top1_agreement"]), _fmt(s["kl"]), status,
+                escape(name), _fmt(s["max_abs"]), _fmt(s["rel_l2"]), _fmt(_one_minus(s["cosine"])),
+                _fmt(s["top1_agreement"], 4), _fmt(s["kl"]), status,
             )  # fmt: skip
-    console.print(table)
+        console.print(table)
     for f in report["failures"]:
-        console.print(f"[red]x[/] {escape(_describe_failure(f))}")
-
-
-def _describe_failure(f: Mapping) -> str:
-    where = f"{f['phase']}/{f['output']}"
-    if f["kind"] == "tolerance":
-        at = f" (first at call {f['call']})" if f.get("call") is not None else ""
-        return f"{where}: {f['metric']} {_fmt(f['value'])} vs limit {_fmt(f['limit'])}{at}"
-    details = ", ".join(f"{k} {v}" for k, v in f.items() if k not in ("kind", "phase", "output"))
-    return f"{where}: {f['kind']} ({details})"
+        console.print(f"[red]x[/] {escape(f['message'])}")
 
 
 def plot_drift(result: CompareResult | Mapping, path: str | Path, *, phase: str = "long_stream", output: str = "logits") -> Path:
@@ -153,7 +151,7 @@ def plot_drift(result: CompareResult | Mapping, path: str | Path, *, phase: str 
     ax.set_ylabel("max abs error")
     ref, cand = report["runners"]["reference"]["name"], report["runners"]["candidate"]["name"]
     ax.set_title(f"{phase}: {cand} vs {ref} ({report['precision'] or 'custom'})", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     with atomic_file(path) as tmp:

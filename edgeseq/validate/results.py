@@ -65,7 +65,7 @@ class Failure:
     output: str
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
+        return {"kind": self.kind, **asdict(self), "message": str(self)}
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class ToleranceExceeded(Failure):
     def __str__(self) -> str:
         op = "<" if self.metric in _AT_LEAST else ">"
         where = f" (first at call {self.call})" if self.call is not None else ""
-        return f"{self.phase}/{self.output}: {self.metric} {self.value:.4g} {op} limit {self.limit:.4g}{where}"
+        return f"{self.phase}/{self.output}: {self.metric} {self.value:.6g} {op} limit {self.limit:.6g}{where}"
 
 
 # --- results --------------------------------------------------------------------------
@@ -201,6 +201,8 @@ class Comparison:
 
     def __init__(self, phase: str, outputs: Sequence[str], logits: str = LOGITS, series: Sequence[str] = (LOGITS,)):
         self.phase, self.outputs, self.logits = phase, tuple(outputs), logits
+        if logits not in self.outputs:
+            raise ValueError(f"the outputs to compare {list(self.outputs)} lack the logits output {logits!r}")
         self.calls = 0
         self._acc = {name: ErrorAccumulator(name, logits=name == logits) for name in self.outputs}
         self._series: dict[str, list[float]] = {name: [] for name in series if name in self._acc}

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import pytest
 from edgeseq.export.spec import TOLERANCES, Tolerance
-from validate_toy import N, ToyRunner, V, toy_io
 
 from edgeseq.validate.compare import (
     compare,
     compare_decode,
     compare_long_stream,
     compare_prefill,
+    runner_device,
     zero_state,
 )
 from edgeseq.validate.results import (
@@ -22,6 +25,7 @@ from edgeseq.validate.results import (
     ToleranceExceeded,
     UnknownPrecisionError,
 )
+from tests.edgeseq.validate.validate_toy import N, ToyRunner, V, toy_io
 
 LOOSE = Tolerance(max_abs_logit=0.1, top1_agreement=0.9, kl=0.01, drift=0.2, bpb_delta=0.0)
 
@@ -174,3 +178,37 @@ def test_state_rel_l2_is_judged_only_when_given(seed):
 def test_unknown_precision():
     with pytest.raises(UnknownPrecisionError, match="fp32, fp16"):
         compare_decode(ToyRunner(), ToyRunner(), toy_io(), 1, tolerance="fp8")
+
+
+def test_runner_descriptions_and_io_from_the_reference(seed):
+    class OrtLike(ToyRunner):
+        device = None
+        providers_used = ("CUDAExecutionProvider", "CPUExecutionProvider")
+        io = toy_io()
+
+    result = compare(OrtLike(seed, "ort"), ToyRunner(seed), steps=2, long_steps=0, prompts=(), reference_device="cuda:H100")
+    assert result and set(result.phases) == {"decode"}
+    assert result.reference == {"name": "ort", "type": f"{OrtLike.__module__}.{OrtLike.__qualname__}", "device": "cuda:H100"}
+    assert runner_device(OrtLike()) == "CUDAExecutionProvider,CPUExecutionProvider"
+    assert runner_device(object()) == "unknown"
+
+
+def test_both_streams_start_from_given_tokens_and_the_logits_are_required(seed):
+    cand = ToyRunner(seed)
+    result = compare(ToyRunner(seed), cand, toy_io(), prompts=(), steps=3, long_steps=4, tokens=np.array([[5, 6]]))
+    assert [int(s["input_ids"][0, 0]) for s in (cand.seen[0], cand.seen[1], cand.seen[3], cand.seen[4])] == [5, 6, 5, 6]
+    assert result.settings["tokens"] == [[5, 6]]
+    with pytest.raises(ValueError, match="lack the logits output"):
+        Comparison("decode", ["present.0.ssm"])
+
+
+def test_cuda_devices_are_named_through_an_already_loaded_torch(monkeypatch):
+    class Cuda:
+        current_device = staticmethod(lambda: 0)
+        get_device_name = staticmethod(lambda i: f"NVIDIA H100 #{i}")
+
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=Cuda))
+    assert runner_device(types.SimpleNamespace(device="cuda")) == "cuda:NVIDIA H100 #0"
+    assert runner_device(types.SimpleNamespace(device="cuda:1")) == "cuda:NVIDIA H100 #1"
+    monkeypatch.delitem(sys.modules, "torch")
+    assert runner_device(types.SimpleNamespace(device="cuda:1")) == "cuda:1"  # never imports torch itself

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors import safe_open
-from validate_toy import ToyRunner, toy_io
 
 from edgeseq.errors import OutputExistsError
 from edgeseq.validate.golden import (
@@ -21,9 +20,9 @@ from edgeseq.validate.golden import (
     record_golden,
     save_golden,
 )
+from tests.edgeseq.validate.validate_toy import ToyRunner, toy_io
 
-HERE = Path(__file__).parent
-ROOT = HERE.parents[2]
+ROOT = Path(__file__).parents[3]
 
 
 @pytest.fixture
@@ -86,10 +85,10 @@ def test_candidate_against_golden(tmp_path, seed):
 def test_golden_path_never_imports_torch(tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(HERE)!r})
+        sys.path.insert(0, {str(ROOT)!r})
         from edgeseq.validate.golden import compare_golden, load_golden, record_golden, save_golden
         from edgeseq.testing import assert_golden_parity
-        from validate_toy import ToyRunner, toy_io
+        from tests.edgeseq.validate.validate_toy import ToyRunner, toy_io
         path = save_golden({str(tmp_path / "g.safetensors")!r}, record_golden(ToyRunner(3), toy_io(), steps=4))
         assert compare_golden(ToyRunner(3), load_golden(path))
         assert_golden_parity(ToyRunner(3), path, "fp32")

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 from rich.console import Console
-from validate_toy import ToyRunner, toy_io
 
 from edgeseq.validate.compare import compare
 from edgeseq.validate.report import (
@@ -20,6 +19,7 @@ from edgeseq.validate.report import (
     report_dict,
     write_report,
 )
+from tests.edgeseq.validate.validate_toy import ToyRunner, toy_io
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_json_report_round_trip(tmp_path, failing_result):
     expected = report_dict(failing_result, reference_device="cuda:NVIDIA H100")
     assert {k: v for k, v in loaded.items() if k != "created"} == {k: v for k, v in expected.items() if k != "created"}
     assert loaded["format"] == REPORT_FORMAT and loaded["passed"] is False and loaded["precision"] == "fp16"
-    assert loaded["runners"]["reference"] == {"name": "ref", "type": "validate_toy.ToyRunner", "device": "cuda:NVIDIA H100"}
+    assert loaded["runners"]["reference"] == {"name": "ref", "type": "tests.edgeseq.validate.validate_toy.ToyRunner", "device": "cuda:NVIDIA H100"}
     assert loaded["tolerance"]["drift"] == 0.1
     assert len(loaded["phases"]["long_stream"]["series"]["logits"]) == 80
     assert loaded["phases"]["long_stream"]["outputs"]["logits"]["max_abs"] == "inf"  # strict JSON for the NaNs
@@ -67,4 +67,4 @@ def test_table_lists_every_output_and_the_failures(failing_result):
     assert text.startswith("FAIL ref (cpu) vs cand (cpu), precision fp16")
     for name in ("logits", "present.0.ssm", "present.position", "long_stream"):
         assert name in text
-    assert "long_stream/logits: drift" in text and "nonfinite" in text
+    assert "long_stream/logits: drift" in text and "non-finite candidate values" in text

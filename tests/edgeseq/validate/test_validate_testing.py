@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
 import numpy as np
 import pytest
-from validate_toy import ToyRunner, toy_io
 
 from edgeseq.testing import assert_bundle_parity, assert_parity
 from edgeseq.validate.report import load_report
+from tests.edgeseq.validate.validate_toy import ToyRunner, toy_io
 
 SMALL = {"steps": 6, "long_steps": 30, "prompts": [np.array([2, 7, 1])]}
 
@@ -32,7 +33,7 @@ def test_assert_parity_fails_with_a_readable_summary(tmp_path, seed):
                       seed=seed, report=report, plot=plot, **SMALL)  # fmt: skip
     lines = str(info.value).splitlines()
     assert lines[0].startswith("FAIL: ref vs cand at fp16")
-    assert "  decode/logits: max_abs_logit 0.2 > limit 0.05 (first at call 0)" in lines
+    assert any(re.fullmatch(r"  decode/logits: max_abs_logit 0\.(2|19)\d* > limit 0\.05 \(first at call 0\)", x) for x in lines)
     assert lines[-1] == f"report: {report}"
     assert load_report(report)["passed"] is False and plot.stat().st_size > 0  # written before raising
 

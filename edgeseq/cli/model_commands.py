@@ -1,10 +1,4 @@
-"""The ``edgeseq`` command line: presentation only.
-
-Commands load through ``edgeseq.zoo``, compute through the core modules and print a rich
-table, or exactly one JSON document with ``--json``. An ``EdgeseqError`` (bad input) is
-printed as one ``error: ...`` line on stderr and exits with its ``exit_code``; anything
-else is a bug and raises.
-"""
+"""Model commands: inspect, extract, eval, generate, train."""
 
 from __future__ import annotations
 
@@ -17,13 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgeseq import __version__
+from edgeseq.cli import DEFAULT_MODEL, _bytes, _count, _emit_json, _trained, json_option, main, model_argument
 from edgeseq.errors import EdgeseqError, WidthError
-from edgeseq.extract import extract as extract_model
-from edgeseq.families import FAMILIES, save_checkpoint
-from edgeseq.sizing import BYTES_PER_PARAM, kept_per_layer, layer_pattern, nested_sizes, size_of
 from edgeseq.width import WidthSpec, resolve
-from edgeseq.zoo import DEFAULT_MODEL, load_model
 
 SIZE_NOTE = (
     "int8/int4: 2-D weight matrices at 1 and 1/2 byte per parameter, other parameters "
@@ -31,62 +21,12 @@ SIZE_NOTE = (
     "state/stream: fp32 decode state of one stream."
 )
 
-
-class EdgeseqGroup(click.Group):
-    """Turns a user error into one stderr line and its exit code, with no traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except EdgeseqError as e:
-            message = " ".join(str(e).split()) or type(e).__name__
-            click.echo(f"error: {message}", err=True)
-            ctx.exit(e.exit_code)
-
-
-def _emit_json(doc: dict[str, Any]) -> None:
-    click.echo(json.dumps(doc, indent=2))
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K" if n >= 1e3 else str(n)
-
-
-def _trained(metadata: dict[str, Any]) -> str:
-    trained = metadata.get("trained")
-    return "trained" if trained is True else "untrained" if trained is False else "trained: unknown"
-
-
-model_argument = click.argument("model", default=DEFAULT_MODEL, metavar="[MODEL]")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
-
-
-@click.group(cls=EdgeseqGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="edgeseq")
-def main() -> None:
-    """Deploy nested Mamba2 and Mamba2/attention hybrid models to edge devices.
-
-    MODEL is a built-in name (mamba2-tiny, the default, or hybrid-tiny) or a checkpoint
-    directory in any known format.
-
-    \b
-    Example:
-      edgeseq inspect
-      edgeseq extract --width 0.5 -o out/mamba2-tiny-w0.5
-    """
-
+WRITABLE_FORMATS = ["hf", "native"]
+FORMATS = ["hf", "hf_bamba", "mamba_ssm", "native"]
 
 @main.command()
 @model_argument
-@click.option("--format", "fmt", type=click.Choice(sorted(FAMILIES)), help="Read MODEL as this checkpoint format.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Read MODEL as this checkpoint format.")
 @json_option
 def inspect(model: str, fmt: str | None, as_json: bool) -> None:
     """Show a model's size at each of its nested widths.
@@ -99,6 +39,9 @@ def inspect(model: str, fmt: str | None, as_json: bool) -> None:
       edgeseq inspect hybrid-tiny
       edgeseq inspect out/mamba2-tiny-w0.5 --json
     """
+    from edgeseq.sizing import BYTES_PER_PARAM, layer_pattern, nested_sizes
+    from edgeseq.zoo import load_model
+
     lm, metadata = load_model(model, fmt)
     config = lm.config
     rows = nested_sizes(config)
@@ -162,7 +105,7 @@ def _dir_bytes(path: Path) -> int:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(sorted(n for n, f in FAMILIES.items() if f.writable)),
+    type=click.Choice(WRITABLE_FORMATS),
     default="native",
     show_default=True,
     help="Checkpoint format to write.",
@@ -182,6 +125,11 @@ def extract(model: str, width: str | None, widths: str | None, output: Path, fmt
     """
     if (width is None) == (widths is None):
         raise click.UsageError("give exactly one of --width (one fraction) or --widths (one per layer)")
+    from edgeseq.extract import extract as extract_model
+    from edgeseq.families import save_checkpoint
+    from edgeseq.sizing import kept_per_layer, size_of
+    from edgeseq.zoo import load_model
+
     lm, metadata = load_model(model)
     config = lm.config
     spec = _width_spec(width, widths, config.n_layer)
@@ -255,6 +203,8 @@ def eval_(model: str, widths: tuple[str, ...], tokens: int, segments: int, as_js
     from edgeseq.data import load_sample
     from edgeseq.evaluate import bits_per_byte
 
+    from edgeseq.zoo import load_model
+
     lm, metadata = load_model(model)
     sample = load_sample()
     if tokens:
@@ -304,6 +254,9 @@ def generate(model: str, width: str, prompt: str, n: int, temperature: float, to
 
     if n < 1:
         raise EdgeseqError("-n must be at least 1")
+    from edgeseq.extract import extract as extract_model
+    from edgeseq.zoo import load_model
+
     lm, _ = load_model(model)
     spec = WidthSpec.parse(width)
     resolve(lm.config, spec)
@@ -360,6 +313,3 @@ def train(model: str, steps: int, batch: int, seq_len: int, lr: float, seed: int
     metadata = run_training(tc, output, device)
     click.echo(json.dumps(metadata["eval"], indent=2))
 
-
-if __name__ == "__main__":
-    main()

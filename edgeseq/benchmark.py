@@ -1,0 +1,74 @@
+"""``edgeseq bench``: decode latency, prefill throughput and peak RSS per runtime.
+
+Each runtime runs in a fresh process (spawned), so its peak RSS is its own. Batch 1;
+decode is timed per token with the state fed back, median after a warm-up.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeseq.bundle import read_manifest
+
+ORT_FLAVORS = ("portable", "opset27")
+
+
+def _time_session(session, steps: int, prompt: np.ndarray) -> dict:
+    t = time.perf_counter()
+    logits = session.prefill(prompt)
+    prefill_s = time.perf_counter() - t
+    times = []
+    for k in range(steps + 5):
+        token = int(np.argmax(logits))
+        t = time.perf_counter()
+        logits = session.step(token)
+        times.append(time.perf_counter() - t)
+    return {"decode_ms": statistics.median(times[5:]) * 1e3, "prefill_tokens_per_s": prompt.size / prefill_s}
+
+
+def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: int) -> dict:
+    from edgeseq.data import load_sample
+    from edgeseq.run_bundle import open_session
+
+    prompt = load_sample()[:prompt_len]
+    if runtime == "torch":
+        import torch
+
+        from edgeseq.families import load_checkpoint
+        from edgeseq.runtimes.session import StreamingSession
+        from edgeseq.runtimes.torch_runner import TorchRunner
+
+        torch.set_num_threads(threads)
+        model, _ = load_checkpoint(Path(bundle) / "reference", "native")
+        step, prefill = TorchRunner(model, "step"), TorchRunner(model, "prefill")
+        step.activate()
+        prefill.activate()
+        session = StreamingSession(step, prefill)
+    else:
+        session, _, _ = open_session(Path(bundle), runtime.split(":")[1], threads)
+    row = {"runtime": runtime, **_time_session(session, steps, prompt)}
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
+
+
+def bench_bundle(bundle: Path, steps: int, prompt_len: int, threads: int) -> list[dict]:
+    manifest = read_manifest(bundle)
+    runtimes = [f"onnxruntime:{f}" for f in manifest["flavors"] if f in ORT_FLAVORS]
+    try:
+        import torch  # noqa: F401
+
+        runtimes.append("torch")
+    except ImportError:
+        pass
+    ctx = mp.get_context("spawn")
+    rows = []
+    for runtime in runtimes:
+        with ctx.Pool(1) as pool:
+            rows.append(pool.apply(_bench_one, (str(bundle), runtime, steps, prompt_len, threads)))
+    return rows

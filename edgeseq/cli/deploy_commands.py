@@ -1,0 +1,172 @@
+"""Deployment commands: export, validate, run, bench."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from edgeseq.cli import _emit_json, json_option, main
+from edgeseq.errors import EdgeseqError
+from edgeseq.width import WidthSpec
+
+FLAVOR_CHOICE = click.Choice(["portable", "opset27", "tensorrt"])
+
+
+def _spec(width: str | None, widths: str | None) -> WidthSpec:
+    if (width is None) == (widths is None):
+        raise EdgeseqError("give exactly one of --width (one fraction) or --widths (one per layer)")
+    return WidthSpec.parse(width if width is not None else widths)
+
+
+@main.command()
+@click.option("--model", default=None, help="Built-in name or checkpoint directory (default: mamba2-tiny).")
+@click.option("--target", default="x86-64-cpu", show_default=True, help="Device the bundle is for (jetson, rpi5, ...).")
+@click.option("--width", help="One fraction for every layer: 0.5 or 1/4.")
+@click.option("--widths", help="One fraction per layer (Mix'n'Match).")
+@click.option("--flavor", type=FLAVOR_CHOICE, help="Graph flavor (default: the target's).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory (default: out/MODEL-TARGET-wWIDTH).")
+@click.option("--steps", type=int, default=256, show_default=True, help="Decode steps compared in validation.")
+@click.option("--long-steps", type=int, default=4096, show_default=True, help="Length of the drift stream.")
+@click.option("--no-validate", is_flag=True, help="Skip validation (the manifest says so).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+def export(model, target, width, widths, flavor, output, steps, long_steps, no_validate, overwrite, as_json):
+    """Extract, export, validate and bundle a submodel for a device.
+
+    The bundle (ONNX step and prefill graphs, the reference checkpoint, manifest.json with
+    sha256 of every file, a README for the device) is written atomically, and only if
+    every graph that can run here passes validation.
+
+    \b
+    Example:
+      edgeseq export --target jetson --width 0.5
+      edgeseq export --model hybrid-tiny --target x86 --width 1/4 --flavor opset27 -o out/h
+    """
+    from edgeseq.pipeline import ExportRequest, export_bundle
+    from edgeseq.targets import get_target
+
+    spec = _spec(width, widths)
+    name = get_target(target).name
+    output = output or Path("out") / f"{model or 'mamba2-tiny'}-{name}-w{str(spec).replace('/', '_').replace(',', '_')}"
+    req = ExportRequest(model, target, spec, output, flavor, steps=steps, long_steps=long_steps,
+                        validate=not no_validate, overwrite=overwrite)
+    console = Console(stderr=as_json)
+    t0 = time.perf_counter()
+
+    def progress(stage: str, detail: str) -> None:
+        console.print(f"[bold cyan]{stage:>8}[/] {detail}  [dim]{time.perf_counter() - t0:6.1f}s[/]", highlight=False)
+
+    manifest = export_bundle(req, progress)
+    if as_json:
+        _emit_json({"output": str(output), "manifest": manifest})
+    else:
+        console.print(f"[bold green]bundle[/] {output}: {manifest['validation']['summary']}", highlight=False)
+        for flavor_name, why in manifest["validation"]["not_run"].items():
+            console.print(f"[yellow]not validated here[/]: {flavor_name} ({why})", highlight=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--flavor", type=FLAVOR_CHOICE, help="Validate only this flavor's graphs.")
+@click.option("--steps", type=int, default=256, show_default=True)
+@click.option("--long-steps", type=int, default=4096, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the PyTorch reference runs.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the JSON report here (one per flavor: FLAVOR-REPORT).")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write the long-stream error plot here (PNG).")
+@click.option("--save-golden", type=click.Path(path_type=Path), help="Record reference inputs/outputs (safetensors).")
+@click.option("--golden", type=click.Path(path_type=Path), help="Validate against a golden file; needs no PyTorch.")
+@json_option
+def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden, as_json):
+    """Compare a bundle's graphs with the PyTorch reference (fp32, on CUDA when there is a
+    GPU): held-out prompts, decode steps with the state fed back, one long stream.
+    Exits 1 if any graph fails its precision's tolerances.
+
+    \b
+    Example:
+      edgeseq validate out/mamba2-tiny-jetson-orin-nano-8gb-w0.5 --report report.json --plot drift.png
+      edgeseq validate BUNDLE --save-golden golden.safetensors      # on a machine with PyTorch
+      edgeseq validate BUNDLE --golden golden.safetensors           # on the device, no PyTorch
+    """
+    from edgeseq.validation_cli import run_validation
+
+    outcome = run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden)
+    if as_json:
+        _emit_json(outcome)
+    else:
+        console = Console()
+        console.print(f"reference: {outcome['reference']}", highlight=False)
+        for name, res in outcome["flavors"].items():
+            mark = "[green]pass[/]" if res["passed"] else "[red]FAIL[/]"
+            console.print(f"{name}: {mark} {res['summary']}", highlight=False)
+        for name, why in outcome["not_run"].items():
+            console.print(f"[yellow]not run here[/]: {name} ({why})", highlight=False)
+    if not outcome["passed"]:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt", default="def ", show_default=True)
+@click.option("-n", "n", type=int, default=200, show_default=True, help="Bytes to generate.")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 samples greedily.")
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--flavor", type=FLAVOR_CHOICE, help="Which graphs to run (default: the bundle's first).")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+def run(bundle, prompt, n, temperature, top_k, seed, flavor, threads):
+    """Stream text from a bundle through onnxruntime; PyTorch is not imported.
+
+    \b
+    Example:
+      edgeseq run out/mamba2-tiny-x86-64-cpu-w0.5 --prompt "import " -n 300
+    """
+    from edgeseq.run_bundle import stream_text
+
+    if n < 1:
+        raise EdgeseqError("-n must be at least 1")
+    stats = stream_text(bundle, prompt, n, temperature, top_k, seed, flavor, threads,
+                        lambda text: (click.echo(text, nl=False), None)[1])
+    click.echo("")
+    click.echo(f"-- {stats['new_tokens']} tokens at {stats['tokens_per_s']:.1f} tokens/s "
+               f"({stats['flavor']}, onnxruntime {stats['providers']})", err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--steps", type=int, default=200, show_default=True, help="Decode steps timed per runtime.")
+@click.option("--prompt-len", type=int, default=512, show_default=True, help="Prompt length for prefill tokens/s.")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Also write the JSON here.")
+@json_option
+def bench(bundle, steps, prompt_len, threads, out, as_json):
+    """Decode latency per token, prefill tokens/s and peak RSS for each runtime that can run
+    the bundle here (each in its own process, so peak RSS is its own).
+
+    \b
+    Example:
+      edgeseq bench out/mamba2-tiny-x86-64-cpu-w0.5 --threads 2 --out bench.json
+    """
+    import json
+
+    from edgeseq.benchmark import bench_bundle
+
+    rows = bench_bundle(bundle, steps, prompt_len, threads)
+    doc = {"bundle": str(bundle), "threads": threads, "steps": steps, "prompt_len": prompt_len, "rows": rows}
+    if out:
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+    if as_json:
+        _emit_json(doc)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{bundle} (batch 1, {threads} threads)")
+    for col in ("runtime", "decode ms/token", "tokens/s", "prefill tokens/s", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "runtime" else "right")
+    for r in rows:
+        table.add_row(r["runtime"], f"{r['decode_ms']:.3f}", f"{1e3 / r['decode_ms']:.1f}",
+                      f"{r['prefill_tokens_per_s']:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f}")
+    Console().print(table)

@@ -1,0 +1,66 @@
+"""Streaming text from a bundle through onnxruntime, without PyTorch (``edgeseq run``)."""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgeseq.bundle import BundleError, graph_path, read_manifest
+from edgeseq.data import EOS, text_to_ids
+from edgeseq.export.spec import GraphIO
+
+RUNNABLE = ("portable", "opset27")  # flavors onnxruntime runs without custom ops
+
+
+def open_session(bundle: Path, flavor: str | None = None, threads: int | None = None):
+    """(StreamingSession over the bundle's onnxruntime graphs, flavor, step runner)."""
+    from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
+    from edgeseq.runtimes.session import StreamingSession
+
+    manifest = read_manifest(bundle)
+    runnable = [f for f in manifest["flavors"] if f in RUNNABLE]
+    flavor = flavor or (runnable[0] if runnable else None)
+    if flavor not in runnable:
+        raise BundleError(f"onnxruntime cannot run flavor {flavor!r} here; the bundle's runnable flavors: {runnable}")
+    ios = {k: GraphIO.from_dict(manifest["io"][k]) for k in ("step", "prefill")}
+    step = OnnxRuntimeRunner(graph_path(bundle, manifest, flavor, "step"), io=ios["step"], intra_op_threads=threads)
+    prefill = OnnxRuntimeRunner(graph_path(bundle, manifest, flavor, "prefill"), io=ios["prefill"], intra_op_threads=threads)
+    step.activate()
+    prefill.activate()
+    return StreamingSession(step, prefill, ios["step"]), flavor, step
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k and top_k < z.size:
+        z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
+    p = np.exp(z - z.max())
+    return int(rng.choice(z.size, p=p / p.sum()))
+
+
+def stream_text(bundle: Path, prompt: str, n: int, temperature: float, top_k: int, seed, flavor, threads,
+                emit: Callable[[str], None]) -> dict:
+    session, flavor, step = open_session(Path(bundle), flavor, threads)
+    rng = np.random.default_rng(seed)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    emit(prompt)
+    logits = session.prefill(text_to_ids(prompt))
+    produced, t0 = 0, time.perf_counter()
+    for _ in range(n):
+        token = sample(logits, temperature, top_k, rng)
+        if token == EOS:
+            break
+        produced += 1
+        if token < 256:
+            emit(decoder.decode(bytes([token])))
+        logits = session.step(token)
+    emit(decoder.decode(b"", final=True))
+    seconds = time.perf_counter() - t0
+    return {"new_tokens": produced, "tokens_per_s": produced / seconds if seconds else float("nan"),
+            "flavor": flavor, "providers": ",".join(step.providers_used)}
