@@ -47,6 +47,7 @@ class ExportRequest:
     prompts: int = 4
     validate: bool = True
     overwrite: bool = False
+    threads: int | None = None  # onnxruntime intra-op threads during validation (None: all cores)
 
 
 Progress = Callable[[str, str], None]  # (stage, detail)
@@ -70,7 +71,7 @@ def reference_device() -> str:
 
 
 def validate_flavor(bundle: Path, model, flavor: str, precision: str, steps: int, long_steps: int, prompts: int,
-                    device: str):
+                    device: str, threads: int | None = None):
     """Compare the bundle's graphs of one flavor with the reference; returns CompareResult."""
     from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
     from edgeseq.runtimes.torch_runner import TorchRunner
@@ -82,9 +83,9 @@ def validate_flavor(bundle: Path, model, flavor: str, precision: str, steps: int
         long_steps = min(long_steps, config.attention.max_context)  # a global cache holds no more
     runners = [
         TorchRunner(model, "step", device=device),
-        OnnxRuntimeRunner(bundle / flavor / "step.onnx", io=step_io),
+        OnnxRuntimeRunner(bundle / flavor / "step.onnx", io=step_io, intra_op_threads=threads),
         TorchRunner(model, "prefill", device=device),
-        OnnxRuntimeRunner(bundle / flavor / "prefill.onnx", io=prefill_io),
+        OnnxRuntimeRunner(bundle / flavor / "prefill.onnx", io=prefill_io, intra_op_threads=threads),
     ]
     for r in runners:
         r.activate()
@@ -141,7 +142,8 @@ def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail:
                     validation["not_run"][flavor] = "needs the TensorRT plugins (kernels issue) and TensorRT"
                     continue
                 progress("validate", f"{flavor} against the {device} reference")
-                result = validate_flavor(tmp, model, flavor, req.precision, req.steps, req.long_steps, req.prompts, device)
+                result = validate_flavor(tmp, model, flavor, req.precision, req.steps, req.long_steps, req.prompts,
+                                         device, req.threads)
                 (tmp / "validation").mkdir(exist_ok=True)
                 write_report(result, tmp / "validation" / f"{flavor}.json")
                 plot_drift(result, tmp / "validation" / f"{flavor}_drift.png")

@@ -1,0 +1,83 @@
+"""Parity of exported graphs against the PyTorch reference: both shipped models at widths
+1, 1/2 and 1/4, portable and opset27 graphs in onnxruntime (CPU EP), the reference on CUDA
+when there is a GPU. Each cell is a full `edgeseq export` (256 decode steps, a 4096-step
+drift stream, 4 held-out prompts). Prints a table, writes JSON and keeps one bundle's
+validation reports.
+
+    python3 scripts/parity_matrix.py --out DIR [--jobs 6] [--steps 256] [--long-steps 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import time
+from pathlib import Path
+
+CELLS = [(m, w) for m in ("mamba2-tiny", "hybrid-tiny") for w in ("1", "0.5", "0.25")]
+
+
+def cell(args) -> dict:
+    model, width, steps, long_steps, work, threads = args
+    from edgeseq.pipeline import ExportRequest, export_bundle
+    from edgeseq.width import WidthSpec
+
+    out = Path(work) / f"{model}-w{width}"
+    t0 = time.time()
+    req = ExportRequest(model, "x86-64-cpu", WidthSpec.parse(width), out, None, steps=steps, long_steps=long_steps,
+                        overwrite=True, threads=threads)
+    try:
+        manifest = export_bundle(req)
+    except Exception as e:  # a failed cell is a row of the table, not a crash of the matrix
+        return {"model": model, "width": width, "error": str(e)[:300]}
+    row = {"model": model, "width": width, "seconds": round(time.time() - t0, 1), "flavors": {}}
+    for flavor in manifest["validation"]["ran"]:
+        report = json.loads((out / "validation" / f"{flavor}.json").read_text())
+        row["flavors"][flavor] = summarize(report)
+    return row
+
+
+def summarize(report: dict) -> dict:
+    out = {"passed": report["passed"], "reference": report["runners"]["reference"]["device"]}
+    for phase, res in report["phases"].items():
+        logits = res["outputs"]["logits"]
+        out[phase] = {"max_abs": logits["max_abs"], "top1": logits.get("top1_agreement"), "kl": logits.get("kl"),
+                      "calls": logits["calls"]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/edgeseq_parity")
+    ap.add_argument("--jobs", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--long-steps", type=int, default=4096)
+    args = ap.parse_args()
+    jobs = [(m, w, args.steps, args.long_steps, args.work, args.threads) for m, w in CELLS]
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        rows = pool.map(cell, jobs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "parity_matrix.json").write_text(json.dumps(rows, indent=1) + "\n")
+    keep = Path(args.work) / "mamba2-tiny-w0.5"
+    for name in ("validation/portable.json", "validation/portable_drift.png", "manifest.json"):
+        if (keep / name).is_file():
+            shutil.copy(keep / name, out / name.replace("/", "_"))
+    print(f"{'model':<12} {'width':>5} {'flavor':<9} {'pass':<5} {'prefill max|d|':>14} {'decode max|d|':>13} "
+          f"{'top1':>6} {'drift max|d|':>12} reference")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<12} {r['width']:>5} ERROR {r['error']}")
+            continue
+        for f, s in r["flavors"].items():
+            print(f"{r['model']:<12} {r['width']:>5} {f:<9} {str(s['passed']):<5} {s['prefill']['max_abs']:>14.2e} "
+                  f"{s['decode']['max_abs']:>13.2e} {s['decode']['top1']:>6.3f} {s['long_stream']['max_abs']:>12.2e} "
+                  f"{s['reference']}")
+
+
+if __name__ == "__main__":
+    main()
