@@ -1,0 +1,5 @@
+"""python -m edgeseq.cli"""
+
+from edgeseq.cli import main
+
+main()
