@@ -121,3 +121,23 @@ def device_readme(manifest: dict[str, Any]) -> str:
         f"Validation when exported: {manifest.get('validation', {}).get('summary', 'not run')}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def load_runners(root: str | Path, flavor: str | None = None, device: str = "auto"):
+    """(reference runner, candidate runner, step io, precision) for a bundle: the PyTorch
+    reference rebuilt from ``reference/`` and onnxruntime on the flavor's step graph.
+    ``edgeseq.testing.assert_bundle_parity`` uses this by default."""
+    from edgeseq.export.spec import GraphIO
+    from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
+    from edgeseq.runtimes.torch_runner import TorchRunner
+    from edgeseq.validation_cli import RUNNABLE, _reference
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    flavor = flavor or next((f for f in manifest["flavors"] if f in RUNNABLE), None)
+    if flavor not in RUNNABLE:
+        raise BundleError(f"onnxruntime cannot run flavor {flavor!r}; the bundle carries {manifest['flavors']}")
+    model, device = _reference(root, device)
+    io = GraphIO.from_dict(manifest["io"]["step"])
+    candidate = OnnxRuntimeRunner(graph_path(root, manifest, flavor, "step"), io=io)
+    return TorchRunner(model, "step", device=device), candidate, io, manifest["precision"]

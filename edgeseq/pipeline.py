@@ -53,15 +53,30 @@ class ExportRequest:
 Progress = Callable[[str, str], None]  # (stage, detail)
 
 
-def heldout_prompts(count: int, seed: int = 0) -> list[np.ndarray]:
-    """``count`` prompts of different lengths cut from the shipped held-out sample."""
-    from edgeseq.data import load_sample
+def heldout_prompts(count: int, vocab_size: int = 264, seed: int = 0) -> list[np.ndarray]:
+    """``count`` prompts of different lengths cut from the shipped held-out sample; for a
+    model whose vocabulary is not bytes, random ids of the same lengths."""
+    from edgeseq.data import PAD, load_sample
 
-    sample = load_sample()
     rng = np.random.default_rng(seed)
     lengths = [1, 37, 200, 777, 64, 513][:count]
+    if vocab_size <= PAD:
+        return [rng.integers(0, vocab_size, (1, n)).astype(np.int64) for n in lengths]
+    sample = load_sample()
     starts = rng.integers(0, len(sample) - max(lengths) - 1, len(lengths))
     return [sample[s : s + n][None, :].astype(np.int64) for s, n in zip(starts, lengths)]
+
+
+def stream_limit(config) -> int | None:
+    """Longest stream a model takes: a global attention cache holds max_context tokens."""
+    if any(s.mixer == "attention" and s.window is None for s in config.layers):
+        return config.attention.max_context
+    return None
+
+
+def validation_prompts(config, count: int) -> list[np.ndarray]:
+    limit = stream_limit(config)
+    return [p[:, :limit] for p in heldout_prompts(count, config.vocab_size)]
 
 
 def reference_device() -> str:
@@ -78,9 +93,9 @@ def validate_flavor(bundle: Path, model, flavor: str, precision: str, steps: int
     from edgeseq.validate import compare
 
     step_io, prefill_io = graph_io(model.config, "step"), graph_io(model.config, "prefill")
-    config = model.config
-    if any(s.mixer == "attention" and s.window is None for s in config.layers):
-        long_steps = min(long_steps, config.attention.max_context)  # a global cache holds no more
+    limit = stream_limit(model.config)
+    if limit is not None:
+        steps, long_steps = min(steps, limit), min(long_steps, limit)
     runners = [
         TorchRunner(model, "step", device=device),
         OnnxRuntimeRunner(bundle / flavor / "step.onnx", io=step_io, intra_op_threads=threads),
@@ -92,7 +107,8 @@ def validate_flavor(bundle: Path, model, flavor: str, precision: str, steps: int
     try:
         ref_step, cand_step, ref_pre, cand_pre = runners
         return compare(
-            ref_step, cand_step, step_io, tolerance=precision, prompts=heldout_prompts(prompts),
+            ref_step, cand_step, step_io, tolerance=precision,
+            prompts=validation_prompts(model.config, prompts),
             steps=steps, long_steps=long_steps, prefill=(ref_pre, cand_pre, prefill_io),
             reference_device=f"{device}:{_device_name(device)}",
         )  # fmt: skip

@@ -22,6 +22,9 @@ def open_session(bundle: Path, flavor: str | None = None, threads: int | None = 
     from edgeseq.runtimes.session import StreamingSession
 
     manifest = read_manifest(bundle)
+    if manifest["config"]["vocab_size"] <= EOS:
+        raise BundleError(f"{bundle} holds a model of {manifest['config']['vocab_size']} tokens, not bytes; "
+                          "edgeseq run streams text from byte-level models only")
     runnable = [f for f in manifest["flavors"] if f in RUNNABLE]
     flavor = flavor or (runnable[0] if runnable else None)
     if flavor not in runnable:

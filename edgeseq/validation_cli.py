@@ -58,7 +58,7 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
             _record(outcome, f, result)
             _write_outputs(result, f, report, plot, len(runnable) > 1)
         return outcome
-    from edgeseq.pipeline import heldout_prompts, validate_flavor
+    from edgeseq.pipeline import stream_limit, validate_flavor, validation_prompts
 
     model, device = _reference(bundle, device)
     outcome["reference"] = f"PyTorch fp32 on {device}"
@@ -68,7 +68,7 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
         from edgeseq.validate import record_golden, save_golden as write_golden
 
         with TorchRunner(model, "step", device=device) as ref:
-            g = record_golden(ref, graph_io(model.config, "step"), prompts=heldout_prompts(4), steps=steps,
+            g = record_golden(ref, graph_io(model.config, "step"), prompts=validation_prompts(model.config, 4), steps=min(steps, stream_limit(model.config) or steps),
                               info={"bundle": str(bundle), "device": device})
         write_golden(save_golden, g, overwrite=True)
         outcome["golden"] = str(save_golden)

@@ -1,0 +1,119 @@
+"""The main job end to end on a small random model: export -> bundle -> validate, run,
+bench; bad input; and the torch-free run path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeseq.bundle import BundleError, read_manifest
+from edgeseq.cli import main
+from edgeseq.families import save_checkpoint
+from edgeseq.testing import assert_bundle_parity
+from tests.conftest import random_model, small_config
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A hybrid model (mamba2 + windowed/global attention + MLPs) exported at width 1/2."""
+    root = tmp_path_factory.mktemp("deploy")
+    save_checkpoint(random_model(small_config(vocab_size=264), dtype=torch.float32), root / "model")  # bytes
+    out = root / "bundle"
+    result = CliRunner().invoke(main, ["export", "--model", str(root / "model"), "--target", "x86", "--width", "0.5",
+                                       "-o", str(out), "--steps", "24", "--long-steps", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_bundle_layout_and_manifest(bundle):
+    manifest = read_manifest(bundle)
+    assert manifest["flavors"] == ["portable", "opset27"] and manifest["width"] == "0.5"
+    assert set(manifest["validation"]["ran"]) == {"portable", "opset27"}
+    assert all(v["passed"] for v in manifest["validation"]["ran"].values())
+    for rel in ("portable/step.onnx", "portable/prefill.onnx", "opset27/step.onnx", "README.md",
+                "reference/model.safetensors", "validation/portable.json", "validation/portable_drift.png"):
+        assert rel in manifest["files"], rel
+    names = {t["name"] for t in manifest["io"]["step"]["inputs"]}
+    assert {"input_ids", "past.0.conv", "past.0.ssm", "past.2.key", "past.2.value", "position"} <= names
+    assert not list(bundle.parent.glob(".bundle*"))  # no temporary leftovers
+
+
+def test_altered_bundle_is_refused(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with open(copy / "portable" / "step.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="sha256"):
+        read_manifest(copy)
+    result = CliRunner().invoke(main, ["validate", str(copy)])
+    assert result.exit_code == 2 and "sha256" in result.output and "Traceback" not in result.output
+
+
+def test_validate_golden_round_trip_and_reports(bundle, tmp_path):
+    golden, report = tmp_path / "golden.safetensors", tmp_path / "report.json"
+    args = ["validate", str(bundle), "--flavor", "portable", "--steps", "16", "--long-steps", "32"]
+    result = CliRunner().invoke(main, [*args, "--save-golden", str(golden), "--report", str(report), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["passed"] and doc["reference"].startswith("PyTorch fp32 on")
+    assert json.loads(report.read_text())["passed"] is True
+    result = CliRunner().invoke(main, ["validate", str(bundle), "--golden", str(golden), "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["passed"]
+
+
+def test_assert_bundle_parity_helper(bundle):
+    result = assert_bundle_parity(bundle, steps=16, long_steps=32)
+    assert result and result.phases["decode"].calls == 16
+
+
+def test_run_streams_without_torch(bundle):
+    """`edgeseq run` in a fresh interpreter: text comes out and torch is never imported."""
+    code = (
+        "import sys\n"
+        "from edgeseq.cli import main\n"
+        f"sys.argv = ['edgeseq', 'run', {str(bundle)!r}, '--prompt', 'ab', '-n', '12', '--seed', '1']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('TORCH-FREE')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "TORCH-FREE" in proc.stdout and "tokens/s" in proc.stderr
+
+
+def test_bench_reports_every_runtime(bundle):
+    result = CliRunner().invoke(main, ["bench", str(bundle), "--steps", "5", "--prompt-len", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["rows"]
+    assert [r["runtime"] for r in rows] == ["onnxruntime:portable", "onnxruntime:opset27", "torch"]
+    assert all(r["decode_ms"] > 0 and r["peak_rss_bytes"] > 0 and np.isfinite(r["prefill_tokens_per_s"]) for r in rows)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["export", "--width", "0.5", "--target", "jetsn"], "did you mean jetson"),
+        (["export", "--width", "0.3", "--model", "hybrid-tiny"], "width 0.3"),
+        (["export", "--target", "jetson"], "--width"),
+        (["validate", "/no/such/bundle"], "not a bundle"),
+        (["run", "/no/such/bundle"], "not a bundle"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, words):
+    out = tmp_path / "out"
+    if args[0] == "export":
+        args = [*args, "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
