@@ -112,7 +112,7 @@ def ssd_step_ref(
     Ch = heads_from_groups(C, h, dim=1)
     decay = torch.exp(dt * A.to(state.dtype))  # (b, h)
     state = state * decay[..., None, None] + Bh[..., :, None] * (dt[..., None] * x)[..., None, :]
-    y = torch.einsum("bhn,bhnp->bhp", Ch, state)
+    y = (Ch[:, :, None, :] @ state)[:, :, 0, :]  # C_t S_t per head: (b, h, 1, n) @ (b, h, n, p)
     if D is not None:
         y = y + x * D[:, None].to(state.dtype)
     return y, state
