@@ -117,7 +117,8 @@ def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golde
 @click.option("--seed", type=int, default=None)
 @click.option("--flavor", type=FLAVOR_CHOICE, help="Which graphs to run (default: the bundle's first).")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
-def run(bundle, prompt, n, temperature, top_k, seed, flavor, threads):
+@json_option
+def run(bundle, prompt, n, temperature, top_k, seed, flavor, threads, as_json):
     """Stream text from a bundle through onnxruntime; PyTorch is not imported.
 
     \b
@@ -128,8 +129,12 @@ def run(bundle, prompt, n, temperature, top_k, seed, flavor, threads):
 
     if n < 1:
         raise EdgeseqError("-n must be at least 1")
-    stats = stream_text(bundle, prompt, n, temperature, top_k, seed, flavor, threads,
-                        lambda text: (click.echo(text, nl=False), None)[1])
+    pieces: list[str] = []
+    emit = pieces.append if as_json else (lambda text: click.echo(text, nl=False))
+    stats = stream_text(bundle, prompt, n, temperature, top_k, seed, flavor, threads, emit)
+    if as_json:
+        _emit_json({"text": "".join(pieces), **stats})
+        return
     click.echo("")
     click.echo(f"-- {stats['new_tokens']} tokens at {stats['tokens_per_s']:.1f} tokens/s "
                f"({stats['flavor']}, onnxruntime {stats['providers']})", err=True)

@@ -291,7 +291,8 @@ def generate(model: str, width: str, prompt: str, n: int, temperature: float, to
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model (default: on CUDA).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Run directory.")
-def train(model: str, steps: int, batch: int, seq_len: int, lr: float, seed: int, compile, output: Path) -> None:
+@json_option
+def train(model: str, steps: int, batch: int, seq_len: int, lr: float, seed: int, compile, output: Path, as_json: bool):
     """Train a built-in architecture from scratch with the Matryoshka recipe (all nested
     widths every step) on this interpreter's standard library; bf16 on CUDA.
 
@@ -311,5 +312,9 @@ def train(model: str, steps: int, batch: int, seq_len: int, lr: float, seed: int
     tc = TrainConfig(model=model, steps=steps, batch=batch, seq_len=seq_len, lr=lr, seed=seed,
                      compile=device == "cuda" if compile is None else compile)
     metadata = run_training(tc, output, device)
-    click.echo(json.dumps(metadata["eval"], indent=2))
+    if as_json:
+        _emit_json(metadata)
+    else:
+        for width, figures in metadata["eval"].items():
+            click.echo(f"width {width}: held-out {figures['heldout_bpb']:.4f} bits/byte")
 
