@@ -25,6 +25,9 @@ def cell(args) -> dict:
     from edgeseq.width import WidthSpec
 
     out = Path(work) / f"{model}-w{width}"
+    if (out / "manifest.json").is_file():  # a finished cell of an interrupted run
+        manifest = json.loads((out / "manifest.json").read_text())
+        return _row(model, width, out, manifest, None)
     t0 = time.time()
     req = ExportRequest(model, "x86-64-cpu", WidthSpec.parse(width), out, None, steps=steps, long_steps=long_steps,
                         overwrite=True, threads=threads)
@@ -32,7 +35,11 @@ def cell(args) -> dict:
         manifest = export_bundle(req)
     except Exception as e:  # a failed cell is a row of the table, not a crash of the matrix
         return {"model": model, "width": width, "error": str(e)[:300]}
-    row = {"model": model, "width": width, "seconds": round(time.time() - t0, 1), "flavors": {}}
+    return _row(model, width, out, manifest, round(time.time() - t0, 1))
+
+
+def _row(model: str, width: str, out: Path, manifest: dict, seconds) -> dict:
+    row = {"model": model, "width": width, "seconds": seconds, "flavors": {}}
     for flavor in manifest["validation"]["ran"]:
         report = json.loads((out / "validation" / f"{flavor}.json").read_text())
         row["flavors"][flavor] = summarize(report)
