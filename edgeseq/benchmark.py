@@ -14,9 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseq.bundle import read_manifest
-
-ORT_FLAVORS = ("portable", "opset27")
+from edgeseq.bundle import ONNXRUNTIME_FLAVORS, read_manifest
 
 
 def _time_session(session, steps: int, prompt: np.ndarray) -> dict:
@@ -59,7 +57,7 @@ def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: 
 
 def bench_bundle(bundle: Path, steps: int, prompt_len: int, threads: int) -> list[dict]:
     manifest = read_manifest(bundle)
-    runtimes = [f"onnxruntime:{f}" for f in manifest["flavors"] if f in ORT_FLAVORS]
+    runtimes = [f"onnxruntime:{f}" for f in manifest["flavors"] if f in ONNXRUNTIME_FLAVORS]
     try:
         import torch  # noqa: F401
 

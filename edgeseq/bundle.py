@@ -22,6 +22,8 @@ from edgeseq.errors import EdgeseqError
 
 SCHEMA_VERSION = 1
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with a margin
+ONNXRUNTIME_FLAVORS = ("portable", "opset27")  # what onnxruntime runs without custom ops
+NOT_RUNNABLE = "needs the TensorRT plugins and TensorRT, neither available here"
 
 
 class BundleError(EdgeseqError):
@@ -130,12 +132,12 @@ def load_runners(root: str | Path, flavor: str | None = None, device: str = "aut
     from edgeseq.export.spec import GraphIO
     from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
     from edgeseq.runtimes.torch_runner import TorchRunner
-    from edgeseq.validation_cli import RUNNABLE, _reference
+    from edgeseq.validation_cli import _reference
 
     root = Path(root)
     manifest = read_manifest(root)
-    flavor = flavor or next((f for f in manifest["flavors"] if f in RUNNABLE), None)
-    if flavor not in RUNNABLE:
+    flavor = flavor or next((f for f in manifest["flavors"] if f in ONNXRUNTIME_FLAVORS), None)
+    if flavor not in ONNXRUNTIME_FLAVORS:
         raise BundleError(f"onnxruntime cannot run flavor {flavor!r}; the bundle carries {manifest['flavors']}")
     model, device = _reference(root, device)
     io = GraphIO.from_dict(manifest["io"]["step"])

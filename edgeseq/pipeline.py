@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.bundle import device_readme, write_graph, write_manifest
+from edgeseq.bundle import NOT_RUNNABLE, ONNXRUNTIME_FLAVORS, device_readme, write_graph, write_manifest
 from edgeseq.errors import EdgeseqError
 from edgeseq.export.graphs import build_graph
 from edgeseq.export.spec import graph_io
@@ -24,8 +24,6 @@ from edgeseq.extract import extract
 from edgeseq.io import atomic_dir
 from edgeseq.targets import Target, get_target
 from edgeseq.width import WidthSpec, resolve
-
-ONNXRUNTIME_FLAVORS = ("portable", "opset27")  # what onnxruntime runs without custom ops
 
 
 class ValidationFailedError(EdgeseqError):
@@ -155,7 +153,7 @@ def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail:
             device = reference_device()
             for flavor in flavors:
                 if flavor not in ONNXRUNTIME_FLAVORS:
-                    validation["not_run"][flavor] = "needs the TensorRT plugins (kernels issue) and TensorRT"
+                    validation["not_run"][flavor] = NOT_RUNNABLE
                     continue
                 progress("validate", f"{flavor} against the {device} reference")
                 result = validate_flavor(tmp, model, flavor, req.precision, req.steps, req.long_steps, req.prompts,

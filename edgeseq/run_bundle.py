@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, graph_path, read_manifest
+from edgeseq.bundle import ONNXRUNTIME_FLAVORS, BundleError, graph_path, read_manifest
 from edgeseq.data import EOS, text_to_ids
 from edgeseq.export.spec import GraphIO
-
-RUNNABLE = ("portable", "opset27")  # flavors onnxruntime runs without custom ops
 
 
 def open_session(bundle: Path, flavor: str | None = None, threads: int | None = None):
@@ -25,7 +23,7 @@ def open_session(bundle: Path, flavor: str | None = None, threads: int | None = 
     if manifest["config"]["vocab_size"] <= EOS:
         raise BundleError(f"{bundle} holds a model of {manifest['config']['vocab_size']} tokens, not bytes; "
                           "edgeseq run streams text from byte-level models only")
-    runnable = [f for f in manifest["flavors"] if f in RUNNABLE]
+    runnable = [f for f in manifest["flavors"] if f in ONNXRUNTIME_FLAVORS]
     flavor = flavor or (runnable[0] if runnable else None)
     if flavor not in runnable:
         raise BundleError(f"onnxruntime cannot run flavor {flavor!r} here; the bundle's runnable flavors: {runnable}")

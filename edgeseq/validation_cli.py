@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeseq.bundle import graph_path, read_manifest
+from edgeseq.bundle import NOT_RUNNABLE, ONNXRUNTIME_FLAVORS, graph_path, read_manifest
 from edgeseq.export.spec import GraphIO
 
-RUNNABLE = ("portable", "opset27")
-NOT_RUNNABLE = "needs the TensorRT plugins and TensorRT, neither available here"
 
 
 def _reference(bundle: Path, device: str):
@@ -44,8 +42,8 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
     flavors = [flavor] if flavor else manifest["flavors"]
     precision = manifest["precision"]
     outcome = {"bundle": str(bundle), "precision": precision, "flavors": {}, "not_run": {}, "passed": True}
-    runnable = [f for f in flavors if f in RUNNABLE]
-    outcome["not_run"] = {f: NOT_RUNNABLE for f in flavors if f not in RUNNABLE}
+    runnable = [f for f in flavors if f in ONNXRUNTIME_FLAVORS]
+    outcome["not_run"] = {f: NOT_RUNNABLE for f in flavors if f not in ONNXRUNTIME_FLAVORS}
     if golden:
         from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
         from edgeseq.validate import compare_golden

@@ -264,3 +264,13 @@ def test_extract_at_snapped_width_stays_inspectable(tmp_path):
 def test_output_is_plain_when_not_a_terminal():
     result = cli("inspect")
     assert "\x1b[" not in result.stdout  # no colour codes in logs or pipes
+
+
+def test_cli_format_choices_follow_the_registry():
+    """The CLI names formats without importing the families (so `edgeseq run` stays
+    torch-free); the lists must still be the registry's."""
+    from edgeseq.cli import model_commands
+    from edgeseq.families import FAMILIES
+
+    assert model_commands.FORMATS == sorted(FAMILIES)
+    assert model_commands.WRITABLE_FORMATS == sorted(n for n, f in FAMILIES.items() if f.writable)
