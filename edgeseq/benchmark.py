@@ -38,12 +38,12 @@ def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: 
     if runtime == "torch":
         import torch
 
-        from edgeseq.families import load_checkpoint
         from edgeseq.runtimes.session import StreamingSession
         from edgeseq.runtimes.torch_runner import TorchRunner
+        from edgeseq.validation_cli import reference_model
 
         torch.set_num_threads(threads)
-        model, _ = load_checkpoint(Path(bundle) / "reference", "native")
+        model, _ = reference_model(Path(bundle), read_manifest(bundle, verify=False), "cpu")
         step, prefill = TorchRunner(model, "step"), TorchRunner(model, "prefill")
         step.activate()
         prefill.activate()

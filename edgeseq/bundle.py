@@ -4,8 +4,9 @@
                              target, validation summary, sha256 of every other file
     <flavor>/step.onnx       one token for each of B streams
     <flavor>/prefill.onnx    a prompt of any length, chunked scan
-    reference/               the extracted model as a native checkpoint (fp32), so that
-                             ``edgeseq validate`` can rebuild the PyTorch reference anywhere
+    reference/               only with ``--embed-reference``: the extracted model (native,
+                             fp32); otherwise the manifest names the source model and its
+                             weights digest, and validation rebuilds the reference from it
     README.md                how to run it on the device
 
 This module is torch-free, so that ``edgeseq run`` can read bundles without PyTorch.
@@ -127,19 +128,19 @@ def device_readme(manifest: dict[str, Any]) -> str:
 
 def load_runners(root: str | Path, flavor: str | None = None, device: str = "auto"):
     """(reference runner, candidate runner, step io, precision) for a bundle: the PyTorch
-    reference rebuilt from ``reference/`` and onnxruntime on the flavor's step graph.
+    reference rebuilt from the source model (or ``reference/``) and onnxruntime on the flavor's step graph.
     ``edgeseq.testing.assert_bundle_parity`` uses this by default."""
     from edgeseq.export.spec import GraphIO
     from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
     from edgeseq.runtimes.torch_runner import TorchRunner
-    from edgeseq.validation_cli import _reference
+    from edgeseq.validation_cli import reference_model
 
     root = Path(root)
     manifest = read_manifest(root)
     flavor = flavor or next((f for f in manifest["flavors"] if f in ONNXRUNTIME_FLAVORS), None)
     if flavor not in ONNXRUNTIME_FLAVORS:
         raise BundleError(f"onnxruntime cannot run flavor {flavor!r}; the bundle carries {manifest['flavors']}")
-    model, device = _reference(root, device)
+    model, device = reference_model(root, manifest, device)
     io = GraphIO.from_dict(manifest["io"]["step"])
     candidate = OnnxRuntimeRunner(graph_path(root, manifest, flavor, "step"), io=io)
     return TorchRunner(model, "step", device=device), candidate, io, manifest["precision"]

@@ -53,7 +53,7 @@ def ngram_bits_per_byte(train: np.ndarray, test: np.ndarray, order: int = 2, dis
     train = train.astype(np.int64)
     test = test.astype(np.int64)
     prob = np.full(len(test) - order, 1.0 / V)
-    for k in range(0, order + 1):  # lower orders first; each interpolates with the previous
+    for k in range(order + 1):  # lower orders first; each interpolates with the previous
         if k == 0:
             counts = np.bincount(train, minlength=V).astype(np.float64)
             prob = (counts[test[order:]] + 1) / (counts.sum() + V)  # add-one unigram

@@ -12,8 +12,8 @@ from dataclasses import replace
 import torch
 
 from edgeseq.config import ModelConfig
-from edgeseq.model import NestedLM
 from edgeseq.errors import WidthError
+from edgeseq.model import NestedLM
 from edgeseq.width import LayerWidth, WidthSpec, resolve
 
 

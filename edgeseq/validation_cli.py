@@ -8,20 +8,33 @@ from edgeseq.bundle import NOT_RUNNABLE, ONNXRUNTIME_FLAVORS, graph_path, read_m
 from edgeseq.export.spec import GraphIO
 
 
-
-def _reference(bundle: Path, device: str):
+def reference_model(bundle: Path, manifest: dict, device: str, override: str | None = None):
+    """(fp32 reference model, device) for a bundle: ``reference/`` when the bundle carries
+    it, else the source model the manifest names (or ``override``) extracted at the
+    bundle's width, refused if its weights are not the ones the bundle was exported from."""
     import torch
 
+    from edgeseq.errors import EdgeseqError
+    from edgeseq.extract import extract
     from edgeseq.families import load_checkpoint
+    from edgeseq.width import WidthSpec
+    from edgeseq.zoo import load_model, weights_digest
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        from edgeseq.errors import EdgeseqError
-
         raise EdgeseqError("--device cuda but no CUDA device is visible; use --device cpu or auto")
-    model, _ = load_checkpoint(bundle / "reference", "native")
-    return model.float().eval(), device
+    ref = manifest.get("reference", {})
+    if override is None and ref.get("embedded"):
+        model, _ = load_checkpoint(bundle / ref["embedded"], "native")
+        return model.float().eval(), device
+    source = override or ref.get("model")
+    full, _ = load_model(source)
+    if weights_digest(full) != ref.get("weights_sha256"):
+        where = f"--reference {override}" if override else f"the source model {source or 'mamba2-tiny'}"
+        raise EdgeseqError(f"{where} is not the model {bundle} was exported from (weights differ); "
+                           "pass the original checkpoint with --reference or re-export the bundle")
+    return extract(full, WidthSpec.parse(manifest["width"])).float().eval(), device
 
 
 def _write_outputs(result, flavor: str, report: Path | None, plot: Path | None, many: bool) -> None:
@@ -36,7 +49,8 @@ def _write_outputs(result, flavor: str, report: Path | None, plot: Path | None, 
         plot_drift(result, named(plot))
 
 
-def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden) -> dict:
+def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden,
+                   reference: str | None = None) -> dict:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     flavors = [flavor] if flavor else manifest["flavors"]
@@ -58,12 +72,13 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
         return outcome
     from edgeseq.pipeline import stream_limit, validate_flavor, validation_prompts
 
-    model, device = _reference(bundle, device)
+    model, device = reference_model(bundle, manifest, device, reference)
     outcome["reference"] = f"PyTorch fp32 on {device}"
     if save_golden:
         from edgeseq.export.spec import graph_io
         from edgeseq.runtimes.torch_runner import TorchRunner
-        from edgeseq.validate import record_golden, save_golden as write_golden
+        from edgeseq.validate import record_golden
+        from edgeseq.validate import save_golden as write_golden
 
         with TorchRunner(model, "step", device=device) as ref:
             g = record_golden(ref, graph_io(model.config, "step"), prompts=validation_prompts(model.config, 4), steps=min(steps, stream_limit(model.config) or steps),
@@ -71,9 +86,12 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
         write_golden(save_golden, g, overwrite=True)
         outcome["golden"] = str(save_golden)
     for f in runnable:
-        result = validate_flavor(bundle, model, f, precision, steps, long_steps, 4, device)
-        _record(outcome, f, result)
-        _write_outputs(result, f, report, plot, len(runnable) > 1)
+        result = validate_flavor(bundle, model, f, precision, steps, long_steps, 4, device,
+                                 graphs=manifest["graphs"][f])
+        _record(outcome, f, result.compare)
+        outcome["flavors"][f] |= {"passed": bool(result), "summary": result.summary(), **result.to_dict()}
+        outcome["passed"] &= bool(result)
+        _write_outputs(result.compare, f, report, plot, len(runnable) > 1)
     return outcome
 
 

@@ -67,3 +67,16 @@ def load_model(source: str | None = None, format: str | None = None, dtype=torch
         )
     model, metadata = load_checkpoint(path, format, dtype)
     return model, {**metadata, "name": path.name}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the state dict (name, dtype, shape, bytes), whatever the
+    file format: a bundle records it so that validation can tell the source model changed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

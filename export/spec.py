@@ -41,7 +41,7 @@ class GraphIO:
 
     @classmethod
     def from_dict(cls, d: dict) -> GraphIO:
-        spec = lambda t: TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))  # noqa: E731
+        spec = lambda t: TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
         return cls(tuple(map(spec, d["inputs"])), tuple(map(spec, d["outputs"])), tuple(map(tuple, d["state_pairs"])))
 
     def to_dict(self) -> dict:
@@ -84,18 +84,27 @@ def graph_io(config: ModelConfig, kind: str, all_logits: bool = False, state_dty
 
 @dataclass(frozen=True)
 class Tolerance:
-    """What a candidate must meet against the fp32 reference, per precision."""
+    """What a candidate must meet against the fp32 reference, per precision.
 
-    max_abs_logit: float  # largest |candidate - reference| over all logits and steps
+    fp32 and fp16 are judged on the logits themselves; quantized weights move individual
+    logits by design, so int8 and int4 are judged on what a user sees, on held-out text
+    (``edgeseq.validate.heldout``): the argmax, the distribution (KL) and bits per byte.
+    Their greedy streams are still judged on top-1 agreement; there their KL is reported,
+    not judged (a self-reinforcing greedy loop makes it large without changing the text).
+    ``None`` means "not judged".
+    """
+
+    max_abs_logit: float | None  # largest |candidate - reference| over all logits and steps
     top1_agreement: float  # fraction of positions whose argmax agrees
     kl: float  # mean KL(reference || candidate) per position, nats
-    drift: float  # largest |error| over the long stream (state fed back thousands of times)
-    bpb_delta: float  # held-out bits-per-byte increase allowed (quantized bundles)
+    drift: float | None  # largest |error| over the long stream (state fed back thousands of times)
+    bpb_delta: float  # held-out bits-per-byte increase allowed over the fp32 reference
+    kl_on_streams: bool = True  # judge KL on prompts and greedy streams too, not only held-out text
 
 
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs_logit=1e-4, top1_agreement=1.0, kl=1e-6, drift=1e-4, bpb_delta=1e-4),
-    "fp16": Tolerance(max_abs_logit=5e-2, top1_agreement=0.98, kl=1e-3, drift=1e-1, bpb_delta=0.01),
-    "int8": Tolerance(max_abs_logit=1.0, top1_agreement=0.90, kl=5e-2, drift=2.0, bpb_delta=0.08),
-    "int4": Tolerance(max_abs_logit=2.0, top1_agreement=0.80, kl=1e-1, drift=4.0, bpb_delta=0.20),
+    "fp16": Tolerance(max_abs_logit=5e-2, top1_agreement=0.98, kl=1e-3, drift=1e-1, bpb_delta=0.005),
+    "int8": Tolerance(max_abs_logit=None, top1_agreement=0.95, kl=0.01, drift=None, bpb_delta=0.02, kl_on_streams=False),
+    "int4": Tolerance(max_abs_logit=None, top1_agreement=0.90, kl=0.03, drift=None, bpb_delta=0.05, kl_on_streams=False),
 }

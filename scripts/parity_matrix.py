@@ -81,7 +81,7 @@ def main() -> None:
             print(f"{r['model']:<12} {r['width']:>5} ERROR {r['error']}")
             continue
         for f, s in r["flavors"].items():
-            print(f"{r['model']:<12} {r['width']:>5} {f:<9} {str(s['passed']):<5} {s['prefill']['max_abs']:>14.2e} "
+            print(f"{r['model']:<12} {r['width']:>5} {f:<9} {s['passed']!s:<5} {s['prefill']['max_abs']:>14.2e} "
                   f"{s['decode']['max_abs']:>13.2e} {s['decode']['top1']:>6.3f} {s['long_stream']['max_abs']:>12.2e} "
                   f"{s['reference']}")
 

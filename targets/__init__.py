@@ -1,54 +1,59 @@
-"""Deployment targets. A small built-in table until the device-profile TOMLs land; each
-entry names the runtime and the default export flavor, and the profile loader will take
-its place behind ``get_target``."""
+"""Deployment targets: one TOML profile per device in ``profiles/``, read into a frozen
+``Target`` (memory the model may use, DRAM bandwidth, dense compute, runtime, precisions,
+graph flavors). ``get_target`` takes a built-in name, one of its aliases, or the path of
+a user's own profile file, checked as strictly as the shipped ones."""
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
 
-from edgeseq.errors import EdgeseqError
-
-
-class UnknownTargetError(EdgeseqError):
-    """The target name matches no profile."""
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    aliases: tuple[str, ...]
-    runtime: str  # "onnxruntime" or "tensorrt"
-    flavors: tuple[str, ...]  # graphs a bundle carries; the first is the default to run
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-TENSORRT_NOTE = "TensorRT plugin graphs come with the kernels issue; the bundle carries portable graphs for TensorRT's parser"
-
-BUILTIN = (
-    Target("jetson-orin-nano-8gb", ("jetson", "orin-nano"), "tensorrt", ("portable",), TENSORRT_NOTE),
-    Target("jetson-orin-nx-16gb", ("orin-nx",), "tensorrt", ("portable",), TENSORRT_NOTE),
-    Target("jetson-agx-orin-64gb", ("agx-orin",), "tensorrt", ("portable",), TENSORRT_NOTE),
-    Target("raspberry-pi-5", ("rpi5", "pi5"), "onnxruntime", ("portable",)),
-    Target("android-arm64", ("android",), "onnxruntime", ("portable",)),
-    Target("ios-arm64", ("ios",), "onnxruntime", ("portable",)),
-    Target("x86-64-cpu", ("x86", "cpu"), "onnxruntime", ("portable", "opset27")),
-    Target("cuda-desktop", ("cuda",), "onnxruntime", ("portable",)),
+from edgeseq.targets.profile import (
+    FLAVORS,
+    PRECISIONS,
+    RUNTIMES,
+    ProfileError,
+    SizeError,
+    Target,
+    UnknownTargetError,
+    load_profile,
+    parse_bytes,
 )
+
+PROFILES = Path(__file__).parent / "profiles"
+
+__all__ = [
+    "FLAVORS", "PRECISIONS", "PROFILES", "RUNTIMES", "ProfileError", "SizeError", "Target", "UnknownTargetError",
+    "all_targets", "get_target", "known_targets", "load_profile", "parse_bytes",
+]  # fmt: skip
+
+
+@cache
+def _builtin() -> tuple[Target, ...]:
+    return tuple(load_profile(path) for path in sorted(PROFILES.glob("*.toml")))
+
+
+def all_targets() -> list[Target]:
+    """The shipped profiles, sorted by name."""
+    return list(_builtin())
 
 
 def known_targets() -> list[str]:
-    return [t.name for t in BUILTIN]
+    return [t.name for t in _builtin()]
 
 
-def get_target(name: str) -> Target:
-    for t in BUILTIN:
-        if name == t.name or name in t.aliases:
+def get_target(name_or_path: str | Path) -> Target:
+    """A built-in name or alias, else a profile file (``*.toml`` or any existing file)."""
+    text = str(name_or_path)
+    for t in _builtin():
+        if text == t.name or text in t.aliases:
             return t
-    names = known_targets() + [a for t in BUILTIN for a in t.aliases]
-    near = difflib.get_close_matches(name, names, n=1)
+    if text.endswith(".toml") or Path(text).is_file():
+        return load_profile(text)
+    names = known_targets() + [a for t in _builtin() for a in t.aliases]
+    near = difflib.get_close_matches(text, names, n=1)
     hint = f" (did you mean {near[0]}?)" if near else ""
-    raise UnknownTargetError(f"unknown target {name!r}{hint}; known targets: {', '.join(known_targets())}")
+    raise UnknownTargetError(
+        f"unknown target {text!r}{hint}; known targets: {', '.join(known_targets())}, or the path of a .toml profile"
+    )

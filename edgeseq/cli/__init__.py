@@ -74,4 +74,4 @@ def main() -> None:
 
 
 # Register the commands (import for side effects, after ``main`` exists).
-from edgeseq.cli import deploy_commands, model_commands  # noqa: E402,F401
+from edgeseq.cli import deploy_commands, model_commands, target_commands  # noqa: F401

@@ -13,59 +13,126 @@ from edgeseq.errors import EdgeseqError
 from edgeseq.width import WidthSpec
 
 FLAVOR_CHOICE = click.Choice(["portable", "opset27", "tensorrt"])
+PRECISION_CHOICE = click.Choice(["fp32", "fp16", "int8", "int4"])
 
 
-def _spec(width: str | None, widths: str | None) -> WidthSpec:
-    if (width is None) == (widths is None):
-        raise EdgeseqError("give exactly one of --width (one fraction) or --widths (one per layer)")
-    return WidthSpec.parse(width if width is not None else widths)
+def _spec(width: str | None, widths: str | None) -> WidthSpec | None:
+    if width is not None and widths is not None:
+        raise EdgeseqError("give one of --width (one fraction) or --widths (one per layer), not both")
+    text = width if width is not None else widths
+    return None if text is None else WidthSpec.parse(text)
 
 
-@main.command()
-@click.option("--model", default=None, help="Built-in name or checkpoint directory (default: mamba2-tiny).")
-@click.option("--target", default="x86-64-cpu", show_default=True, help="Device the bundle is for (jetson, rpi5, ...).")
-@click.option("--width", help="One fraction for every layer: 0.5 or 1/4.")
-@click.option("--widths", help="One fraction per layer (Mix'n'Match).")
-@click.option("--flavor", type=FLAVOR_CHOICE, help="Graph flavor (default: the target's).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory (default: out/MODEL-TARGET-wWIDTH).")
-@click.option("--steps", type=int, default=256, show_default=True, help="Decode steps compared in validation.")
-@click.option("--long-steps", type=int, default=4096, show_default=True, help="Length of the drift stream.")
-@click.option("--no-validate", is_flag=True, help="Skip validation (the manifest says so).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@json_option
-def export(model, target, width, widths, flavor, output, steps, long_steps, no_validate, overwrite, as_json):
-    """Extract, export, validate and bundle a submodel for a device.
+def _budget(text: str | None) -> int | None:
+    from edgeseq.targets import parse_bytes
 
-    The bundle (ONNX step and prefill graphs, the reference checkpoint, manifest.json with
-    sha256 of every file, a README for the device) is written atomically, and only if
-    every graph that can run here passes validation.
+    return None if text is None else parse_bytes(text)
 
-    \b
-    Example:
-      edgeseq export --target jetson --width 0.5
-      edgeseq export --model hybrid-tiny --target x86 --width 1/4 --flavor opset27 -o out/h
-    """
-    from edgeseq.pipeline import ExportRequest, export_bundle
-    from edgeseq.targets import get_target
 
-    spec = _spec(width, widths)
-    name = get_target(target).name
-    output = output or Path("out") / f"{model or 'mamba2-tiny'}-{name}-w{str(spec).replace('/', '_').replace(',', '_')}"
-    req = ExportRequest(model, target, spec, output, flavor, steps=steps, long_steps=long_steps,
-                        validate=not no_validate, overwrite=overwrite)
-    console = Console(stderr=as_json)
+def _progress_printer(console: Console):
     t0 = time.perf_counter()
 
     def progress(stage: str, detail: str) -> None:
         console.print(f"[bold cyan]{stage:>8}[/] {detail}  [dim]{time.perf_counter() - t0:6.1f}s[/]", highlight=False)
 
-    manifest = export_bundle(req, progress)
+    return progress
+
+
+def _bundle_name(model: str | None, target: str, spec: WidthSpec | None, precision: str | None) -> Path:
+    width = "auto" if spec is None else str(spec).replace("/", "_").replace(",", "_")
+    return Path("out") / f"{Path(model).name if model else 'mamba2-tiny'}-{target}-w{width}{'-' + precision if precision else ''}"
+
+
+@main.command()
+@click.option("--model", default=None, help="Built-in name or checkpoint directory (default: mamba2-tiny).")
+@click.option("--target", default="x86-64-cpu", show_default=True,
+              help="Device name or alias (`edgeseq targets`), or a profile .toml.")
+@click.option("--width", help="One fraction for every layer: 0.5 or 1/4 (default: the widest that fits).")
+@click.option("--widths", help="One fraction per layer (Mix'n'Match).")
+@click.option("--quant", "--precision", "precision", type=PRECISION_CHOICE,
+              help="fp32, fp16, int8 or int4 (default: the target's; the state stays fp32).")
+@click.option("--memory-budget", help="Memory the model may use, e.g. '512 MiB' (default: the target's).")
+@click.option("--min-tokens-per-s", type=float, help="Without --width: only configurations predicted this fast.")
+@click.option("--int4-block-size", type=int, default=32, show_default=True, help="Weights per int4 scale.")
+@click.option("--flavor", type=FLAVOR_CHOICE, help="Graph flavor (default: the target's).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory (default: out/MODEL-TARGET-wWIDTH).")
+@click.option("--steps", type=int, default=256, show_default=True, help="Decode steps compared in validation.")
+@click.option("--long-steps", type=int, default=4096, show_default=True, help="Length of the drift stream.")
+@click.option("--no-validate", is_flag=True, help="Skip validation (the manifest says so).")
+@click.option("--embed-reference", is_flag=True, help="Carry the fp32 reference checkpoint in the bundle.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+def export(model, target, width, widths, precision, memory_budget, min_tokens_per_s, int4_block_size, flavor, output,
+           steps, long_steps, no_validate, embed_reference, overwrite, as_json):
+    """Plan, extract, export, quantize, validate and bundle a submodel for a device.
+
+    Without --width, the widest configuration that fits the target's memory (and
+    --min-tokens-per-s) is picked, and the choice is explained. The bundle (ONNX step and
+    prefill graphs, manifest.json with sha256 of every file, a README for the device) is
+    written atomically, and only if every graph that can run here passes validation.
+
+    \b
+    Example:
+      edgeseq export --target jetson --width 0.5
+      edgeseq export --target raspberry-pi-5
+      edgeseq export --model hybrid-tiny --target x86 --width 1/4 --quant int8 -o out/h
+    """
+    from edgeseq.pipeline import ExportRequest, export_bundle
+    from edgeseq.targets import get_target
+
+    spec = _spec(width, widths)
+    budget = _budget(memory_budget)
+    if int4_block_size < 16 or int4_block_size & (int4_block_size - 1):
+        raise EdgeseqError(f"--int4-block-size must be a power of two >= 16, not {int4_block_size}")
+    name = get_target(target).name
+    output = output or _bundle_name(model, name, spec, precision)
+    req = ExportRequest(model, target, spec, output, flavor, precision, steps=steps, long_steps=long_steps,
+                        validate=not no_validate, overwrite=overwrite, memory_budget=budget,
+                        min_tokens_per_s=min_tokens_per_s, int4_block_size=int4_block_size,
+                        embed_reference=embed_reference)
+    console = Console(stderr=as_json)
+    manifest = export_bundle(req, _progress_printer(console))
+    _report_bundle(console, output, manifest, as_json)
+
+
+def _report_bundle(console: Console, output: Path, manifest: dict, as_json: bool) -> None:
     if as_json:
         _emit_json({"output": str(output), "manifest": manifest})
-    else:
-        console.print(f"[bold green]bundle[/] {output}: {manifest['validation']['summary']}", highlight=False)
-        for flavor_name, why in manifest["validation"]["not_run"].items():
-            console.print(f"[yellow]not validated here[/]: {flavor_name} ({why})", highlight=False)
+        return
+    console.print(f"[bold green]bundle[/] {output} (width {manifest['width']}, {manifest['precision']}): "
+                  f"{manifest['validation']['summary']}", highlight=False)
+    for flavor_name, why in manifest["validation"]["not_run"].items():
+        console.print(f"[yellow]not validated here[/]: {flavor_name} ({why})", highlight=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--quant", "--precision", "precision", type=PRECISION_CHOICE, required=True, help="fp16, int8 or int4.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="New bundle (default: BUNDLE-PRECISION).")
+@click.option("--int4-block-size", type=int, default=32, show_default=True)
+@click.option("--reference", help="Source model for validation when the manifest's is not here.")
+@click.option("--steps", type=int, default=256, show_default=True)
+@click.option("--long-steps", type=int, default=4096, show_default=True)
+@click.option("--no-validate", is_flag=True)
+@click.option("--overwrite", is_flag=True)
+@json_option
+def quantize(bundle, precision, output, int4_block_size, reference, steps, long_steps, no_validate, overwrite, as_json):
+    """Quantize an fp32 bundle's graphs into a new, validated bundle.
+
+    \b
+    Example:
+      edgeseq quantize out/mamba2-tiny-x86-64-cpu-w0.5 --quant int4 -o out/w0.5-int4
+    """
+    from edgeseq.pipeline import quantize_bundle
+
+    if precision == "fp32":
+        raise EdgeseqError("the bundle is already fp32; use --quant fp16, int8 or int4")
+    output = output or bundle.with_name(f"{bundle.name}-{precision}")
+    console = Console(stderr=as_json)
+    manifest = quantize_bundle(bundle, precision, output, overwrite=overwrite, block_size=int4_block_size,
+                               validate=not no_validate, steps=steps, long_steps=long_steps, reference=reference,
+                               progress=_progress_printer(console))
+    _report_bundle(console, output, manifest, as_json)
 
 
 @main.command()
@@ -79,8 +146,9 @@ def export(model, target, width, widths, flavor, output, steps, long_steps, no_v
 @click.option("--plot", type=click.Path(path_type=Path), help="Write the long-stream error plot here (PNG).")
 @click.option("--save-golden", type=click.Path(path_type=Path), help="Record reference inputs/outputs (safetensors).")
 @click.option("--golden", type=click.Path(path_type=Path), help="Validate against a golden file; needs no PyTorch.")
+@click.option("--reference", help="Source model (name or checkpoint) when the manifest's is not on this machine.")
 @json_option
-def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden, as_json):
+def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden, reference, as_json):
     """Compare a bundle's graphs with the PyTorch reference (fp32, on CUDA when there is a
     GPU): held-out prompts, decode steps with the state fed back, one long stream.
     Exits 1 if any graph fails its precision's tolerances.
@@ -93,7 +161,7 @@ def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golde
     """
     from edgeseq.validation_cli import run_validation
 
-    outcome = run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden)
+    outcome = run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden, reference)
     if as_json:
         _emit_json(outcome)
     else:

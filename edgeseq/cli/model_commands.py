@@ -201,7 +201,6 @@ def eval_(model: str, widths: tuple[str, ...], tokens: int, segments: int, as_js
 
     from edgeseq.data import load_sample
     from edgeseq.evaluate import bits_per_byte
-
     from edgeseq.zoo import load_model
 
     lm, metadata = load_model(model)

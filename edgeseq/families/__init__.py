@@ -159,4 +159,4 @@ def save_checkpoint(model: NestedLM, path: str | Path, format: str = "native", m
 
 
 # Register the built-in families (import for side effects, after the registry exists).
-from edgeseq.families import hf_bamba, hf_mamba2, mamba_ssm, native  # noqa: E402,F401
+from edgeseq.families import hf_bamba, hf_mamba2, mamba_ssm, native  # noqa: F401

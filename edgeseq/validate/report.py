@@ -44,7 +44,7 @@ def report_dict(result: CompareResult | Mapping, *, reference_device: str | None
         body["runners"]["reference"]["device"] = reference_device
     head = {
         "format": REPORT_FORMAT,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "environment": {"edgeseq": __version__, "python": platform.python_version(), "numpy": np.__version__,
                         "machine": platform.machine(), "system": platform.system()},
     }  # fmt: skip
@@ -138,14 +138,15 @@ def plot_drift(result: CompareResult | Mapping, path: str | Path, *, phase: str 
     limit_name = "drift" if phase == "long_stream" else "max_abs_logit"
     limit = report["tolerance"][limit_name]
     positive = series[(series > 0) & np.isfinite(series)]
-    floor = float(positive.min()) / 10 if positive.size else limit * 1e-6
+    floor = float(positive.min()) / 10 if positive.size else (limit or 1.0) * 1e-6
     shown = np.where(np.isnan(series), np.inf, np.maximum(series, floor))
 
     fig = Figure(figsize=(8, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.plot(np.arange(series.size), np.minimum(shown, 1e30), lw=0.8, label=f"max |candidate - reference| ({output})")
-    ax.axhline(limit, color="tab:red", ls="--", lw=1, label=f"{limit_name} limit {limit:g}")
+    if limit is not None:  # quantized precisions are judged on top-1, KL and bits per byte instead
+        ax.axhline(limit, color="tab:red", ls="--", lw=1, label=f"{limit_name} limit {limit:g}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("max abs error")

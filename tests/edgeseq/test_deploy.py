@@ -39,8 +39,13 @@ def test_bundle_layout_and_manifest(bundle):
     assert set(manifest["validation"]["ran"]) == {"portable", "opset27"}
     assert all(v["passed"] for v in manifest["validation"]["ran"].values())
     for rel in ("portable/step.onnx", "portable/prefill.onnx", "opset27/step.onnx", "README.md",
-                "reference/model.safetensors", "validation/portable.json", "validation/portable_drift.png"):
+                "validation/portable.json", "validation/portable_drift.png"):
         assert rel in manifest["files"], rel
+    assert not any(rel.startswith("reference/") for rel in manifest["files"])  # the device gets graphs only
+    ref = manifest["reference"]
+    assert ref["model"] == str(bundle.parent / "model") and len(ref["weights_sha256"]) == 64 and ref["width"] == "0.5"
+    assert manifest["precision"] == "fp32" and manifest["quantization"] == {"precision": "fp32"}
+    assert manifest["plan"]["row"]["fits"] and manifest["plan"]["row"]["width"] == "0.5"
     names = {t["name"] for t in manifest["io"]["step"]["inputs"]}
     assert {"input_ids", "past.0.conv", "past.0.ssm", "past.2.key", "past.2.value", "position"} <= names
     assert not list(bundle.parent.glob(".bundle*"))  # no temporary leftovers
@@ -104,7 +109,11 @@ def test_bench_reports_every_runtime(bundle):
     [
         (["export", "--width", "0.5", "--target", "jetsn"], "did you mean jetson"),
         (["export", "--width", "0.3", "--model", "hybrid-tiny"], "width 0.3"),
-        (["export", "--target", "jetson"], "--width"),
+        (["export", "--target", "jetson", "--memory-budget", "1 MiB"], "narrowest configuration"),
+        (["export", "--target", "jetson", "--width", "1", "--memory-budget", "40MiB"], "needs"),
+        (["export", "--target", "rpi5", "--memory-budget", "lots"], "cannot read 'lots' as a size"),
+        (["export", "--target", "x86", "--width", "1", "--min-tokens-per-s", "1", "--quant", "int8",
+          "--int4-block-size", "24"], "power of two"),
         (["validate", "/no/such/bundle"], "not a bundle"),
         (["run", "/no/such/bundle"], "not a bundle"),
     ],
@@ -117,3 +126,60 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, words):
     assert result.exit_code == 2, result.output
     assert words in result.output and "Traceback" not in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_validation_refuses_a_changed_source_and_takes_an_override(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    other = tmp_path / "other"
+    save_checkpoint(random_model(small_config(vocab_size=264), dtype=torch.float32, seed=99), other)
+    args = ["validate", str(copy), "--flavor", "portable", "--steps", "4", "--long-steps", "8"]
+    result = CliRunner().invoke(main, [*args, "--reference", str(other)])
+    assert result.exit_code == 2 and "weights differ" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, [*args, "--reference", str(bundle.parent / "model")])
+    assert result.exit_code == 0, result.output
+
+
+def test_embedded_reference_travels_with_the_bundle(tmp_path):
+    source = tmp_path / "model"
+    save_checkpoint(random_model(small_config(vocab_size=264), dtype=torch.float32, seed=5), source)
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(main, ["export", "--model", str(source), "--target", "x86", "--width", "1",
+                                       "--flavor", "portable", "--embed-reference", "-o", str(out),
+                                       "--steps", "8", "--long-steps", "16"])
+    assert result.exit_code == 0, result.output
+    import shutil
+
+    shutil.rmtree(source)  # the bundle alone must be enough now
+    assert read_manifest(out)["reference"]["embedded"] == "reference"
+    result = CliRunner().invoke(main, ["validate", str(out), "--steps", "8", "--long-steps", "16", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["passed"], result.output
+
+
+def _size(bundle) -> int:
+    return sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+
+
+def test_quantize_a_trained_bundle_passes_the_gates_and_shrinks(tmp_path):
+    """The shipped model at 1/4: fp32 export, then `edgeseq quantize` to int8 and int4."""
+    fp32 = tmp_path / "fp32"
+    short = ["--steps", "16", "--long-steps", "32"]
+    result = CliRunner().invoke(main, ["export", "--target", "x86", "--width", "0.25", "--flavor", "portable",
+                                       "--quant", "fp32", "-o", str(fp32), *short])
+    assert result.exit_code == 0, result.output
+    sizes = {"fp32": _size(fp32)}
+    for precision in ("int8", "int4"):
+        out = tmp_path / precision
+        result = CliRunner().invoke(main, ["quantize", str(fp32), "--quant", precision, "-o", str(out), *short, "--json"])
+        assert result.exit_code == 0, result.output
+        manifest = read_manifest(out)
+        assert manifest["precision"] == precision and manifest["quantized_from"] == str(fp32)
+        heldout = manifest["validation"]["ran"]["portable"]["heldout"]
+        assert heldout["passed"] and heldout["tokens"] == 16 * 512
+        assert heldout["delta"] <= manifest["validation"]["ran"]["portable"]["heldout"]["limits"]["bpb_delta"]
+        sizes[precision] = _size(out)
+    assert sizes["int4"] <= 0.3 * sizes["fp32"] and sizes["int8"] < sizes["fp32"], sizes
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "int8"), "--quant", "int4", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "quantize the fp32 bundle" in result.output

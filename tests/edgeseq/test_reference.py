@@ -25,7 +25,7 @@ F64 = torch.float64
 
 
 def _ssd_inputs(b, l, h, g, p, n, gen):
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64)
     X, B, C = r(b, l, h, p), r(b, l, g, n), r(b, l, g, n)
     dt = F.softplus(r(b, l, h) - 1)
     A = -torch.rand(h, generator=gen, dtype=F64) * 3 - 0.05

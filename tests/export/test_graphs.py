@@ -28,7 +28,7 @@ def feeds_from(state: ModelState, ids: np.ndarray, io) -> dict[str, np.ndarray]:
     named = state.to_named()
     feeds = {"input_ids": ids}
     for spec in io.inputs[1:]:
-        key = spec.name[len("past.") :] if spec.name.startswith("past.") else spec.name
+        key = spec.name.removeprefix("past.")
         feeds[spec.name] = named[key].detach().numpy()
     return feeds
 

@@ -7,8 +7,8 @@ import types
 
 import numpy as np
 import pytest
-from edgeseq.export.spec import TOLERANCES, Tolerance
 
+from edgeseq.export.spec import TOLERANCES, Tolerance
 from edgeseq.validate.compare import (
     compare,
     compare_decode,
@@ -48,7 +48,7 @@ def test_identical_runners_pass_every_phase(seed):
     assert result.summary().startswith("PASS")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("factor, passes", [(0.5, True), (2.0, False)])
 def test_logit_error_either_side_of_the_limit(precision, factor, passes, seed):
     limit = TOLERANCES[precision].max_abs_logit
@@ -62,6 +62,14 @@ def test_logit_error_either_side_of_the_limit(precision, factor, passes, seed):
         assert (failure.phase, failure.output, failure.metric, failure.limit, failure.call) == (
             "decode", "logits", "max_abs_logit", limit, 0,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_precisions_are_judged_on_argmax_and_kl_not_logit_size(precision, seed):
+    shifted = compare_decode(ToyRunner(seed), ToyRunner(seed, logit_offset=5.0), toy_io(), 6, tolerance=precision, seed=seed)
+    assert shifted and shifted.outputs["logits"].max_abs == pytest.approx(5.0, rel=1e-3)  # a shift moves no argmax
+    assert TOLERANCES[precision].max_abs_logit is None and TOLERANCES[precision].drift is None
+    assert not TOLERANCES[precision].kl_on_streams  # greedy streams: top-1 judged, KL reported
 
 
 def _one_call(comparison: Comparison, r: np.ndarray, c: np.ndarray):
@@ -90,12 +98,15 @@ def test_kl_limit_and_which_phases_judge_it():
     rng = np.random.default_rng()
     r = rng.normal(size=(8, V))
     kl_only = Tolerance(max_abs_logit=1e9, top1_agreement=1.0, kl=1e-5, drift=1e9, bpb_delta=0.0)
+    heldout_only = Tolerance(max_abs_logit=None, top1_agreement=1.0, kl=1e-5, drift=None, bpb_delta=0.0,
+                             kl_on_streams=False)
     for scale, ok in ((1.001, True), (1.5, False)):  # a temperature: KL moves, argmax stays
-        for phase, judged in (("decode", True), ("long_stream", False)):
-            comparison = Comparison(phase, ["logits"])
-            comparison.add({"logits": r}, {"logits": r * scale})
-            result = comparison.result(kl_only)
-            assert bool(result) is (ok or not judged), (phase, result.outputs["logits"].kl)
+        for phase in ("decode", "long_stream", "prefill"):
+            for tol, judged in ((kl_only, True), (heldout_only, False)):
+                comparison = Comparison(phase, ["logits"])
+                comparison.add({"logits": r}, {"logits": r * scale})
+                result = comparison.result(tol)
+                assert bool(result) is (ok or not judged), (phase, result.outputs["logits"].kl)
 
 
 def test_missing_output_stops_the_phase(seed):
@@ -148,11 +159,11 @@ def test_given_tokens_are_fed_before_argmax(seed):
 
 
 def test_long_stream_series_length_and_drift_limit(seed):
-    drift = Tolerance(max_abs_logit=0.0, top1_agreement=1.0, kl=0.0, drift=1e-3, bpb_delta=0.0)
+    drift = Tolerance(max_abs_logit=0.0, top1_agreement=1.0, kl=1.0, drift=1e-3, bpb_delta=0.0)
     result = compare_long_stream(ToyRunner(seed), ToyRunner(seed, a_scale=1.001), toy_io(), 300, tolerance=drift)
     assert result.calls == len(result.series["logits"]) == 300
-    assert result.checks == ("drift",)
-    (failure,) = result.failures  # only drift is judged on the long stream
+    assert result.checks == ("drift", "kl")
+    (failure,) = result.failures  # drift and KL are judged on the long stream, not max_abs or top-1
     assert failure.metric == "drift" and failure.call == int(np.argmax(np.array(result.series["logits"]) > 1e-3))
 
 

@@ -10,6 +10,7 @@ a faulty candidate. Imports numpy and edgeseq.export.spec only (the torch-free c
 from __future__ import annotations
 
 import numpy as np
+
 from edgeseq.export.spec import BATCH, SEQ, GraphIO, TensorSpec
 
 V, N = 11, 6  # vocabulary, state size

@@ -1,0 +1,280 @@
+"""The chunked SSD scan for prefill, in three Triton launches, beside its pure-torch twin.
+
+Same math and axes as ``edgeseq.reference.ssd`` (b batch, l sequence, c chunk, q steps
+in a chunk, h heads, g groups, p head channels, n state size). Comments name the
+reference's numbered steps; the launches split them so:
+
+    X, dt, A, B --[_chunk_state: step 3]--> a_cum (b, h, c*q)     log-decay since the chunk's start
+                                            S     (b, c, h, n, p) each chunk's own end state
+    S, a_cum ----[_state_passing: step 4]-> S     (b, c, h, n, p) the state entering each chunk
+                                            final (b, h, n, p)    (S is overwritten in place)
+    X, dt, B, C, S, a_cum --[_chunk_scan: steps 2, 5, 6]--> Y (b, l, h, p)
+                                            C S decayed  +  (C B^T o L) (dt X)  +  D X
+
+Departures from the reference: the decay mask L is exp(a_cum[i] - a_cum[j]) (a difference
+of cumulative sums, as fast kernels do) rather than a masked segment sum; matmul operands
+are in the inputs' dtype (bf16/fp16 products accumulate in fp32; fp32 ones use 3xTF32,
+``FP32_DOT``); the state is always fp32. A length l that is not a multiple of the chunk is
+masked (step 0's dt = 0 padding), so nothing is copied or padded on the host.
+"""
+
+import torch
+from torch import Tensor
+
+from edgeseq.kernels._triton import interpreting, next_pow2, require_triton, tl, triton
+from edgeseq.reference import ssd_scan_ref as _scan_math
+
+FP32_DOT = "tf32x3"  # fp32 products on tensor cores, three passes: fp32-level error ("ieee" spills)
+
+
+def ssd_scan_ref(X, dt, A, B, C, chunk_size: int, D=None, initial_state=None) -> tuple[Tensor, Tensor]:
+    """The twin of ``ssd_scan``: the reference scan, computed in fp32 (fp64 stays fp64).
+
+    Returns Y in X's dtype and the final state (b, h, n, p) in fp32 (fp64 for fp64 X).
+    """
+    sd = torch.promote_types(X.dtype, torch.float32)
+    init = None if initial_state is None else initial_state.to(sd)
+    D = None if D is None else D.to(sd)
+    Y, final = _scan_math(X.to(sd), dt.to(sd), A.to(sd), B.to(sd), C.to(sd), chunk_size, D, init)
+    return Y.to(X.dtype).contiguous(), final.contiguous()
+
+
+# The tuning space, small to keep the first call's autotuning short: (tile, num_warps, num_stages).
+# Smallest first (the fallback). Large tiles get 8 warps: at 4 they spill (ptxas -v, sm_90).
+_STATE_NAMES, _STATE_TILES = ("BLOCK_N", "BLOCK_P", "BLOCK_K"), [
+    ((64, 32, 32), 4, 3), ((64, 64, 32), 4, 3), ((64, 64, 64), 4, 2),
+    ((128, 32, 64), 8, 2), ((128, 64, 32), 8, 3), ((128, 64, 64), 8, 2),
+]  # fmt: skip
+_SCAN_NAMES, _SCAN_TILES = ("BLOCK_M", "BLOCK_K", "BLOCK_P"), [
+    ((64, 32, 32), 4, 3), ((64, 32, 64), 4, 2), ((64, 64, 32), 4, 2),
+    ((64, 64, 64), 8, 2), ((128, 32, 64), 8, 3), ((128, 64, 64), 8, 2),
+]  # fmt: skip
+_KEY = ["chunk_size", "headdim", "dstate"]
+
+
+def tuning_space(names, tiles):
+    return [triton.Config(dict(zip(names, t)), num_warps=w, num_stages=s) for t, w, s in tiles]
+
+
+def _configs(names, tiles):
+    """One 16-wide config under the interpreter (the CPU tests), the tuning space on a GPU."""
+    if interpreting():
+        return [triton.Config(dict.fromkeys(names, 16), num_warps=1)]
+    return tuning_space(names, tiles)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles larger than the padded chunk, head dim or state (they only add masked work)."""
+    limit = {
+        "BLOCK_M": next_pow2(named_args["chunk_size"]),
+        "BLOCK_K": next_pow2(named_args["chunk_size"]),
+        "BLOCK_P": next_pow2(named_args["headdim"]),
+        "BLOCK_N": next_pow2(named_args["dstate"]),
+    }
+    kept = [c for c in configs if all(v <= limit[k] for k, v in c.kwargs.items())]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _dot(a, b, acc, DOT: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST moves operands to fp32 first: Triton's CPU interpreter cannot
+    multiply bf16 (it sees the raw bits), so the tests round to bf16, then upcast."""
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT)
+
+
+@triton.autotune(_configs(_STATE_NAMES, _STATE_TILES), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _chunk_state_kernel(
+    X, DT, A, B, ACUM, S,
+    seqlen, chunk_size, nheads, heads_per_group, headdim, dstate,
+    sx_b, sx_l, sx_h, sx_p, sdt_b, sdt_l, sdt_h, sb_b, sb_l, sb_g, sb_n,
+    DOT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """grid (n-blocks * p-blocks, b*h, c). Writes a_cum and the chunk's end state tile S[n, p]."""
+    pid_np, pid_bh, pid_c = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    b, h = pid_bh // nheads, pid_bh % nheads
+    nchunks = tl.num_programs(2)
+    offs_n = (pid_np // tl.cdiv(headdim, BLOCK_P)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = (pid_np % tl.cdiv(headdim, BLOCK_P)) * BLOCK_P + tl.arange(0, BLOCK_P)
+    start = pid_c * chunk_size
+    X += b * sx_b + h * sx_h
+    DT += b * sdt_b + h * sdt_h
+    B += b * sb_b + (h // heads_per_group) * sb_g
+    A_h = tl.load(A + h).to(tl.float32)
+    # step 3a: the chunk's total log-decay (masked steps have dt = 0: no decay)
+    offs_q = tl.arange(0, BLOCK_Q)
+    dt_q = tl.load(DT + (start + offs_q) * sdt_l, mask=(offs_q < chunk_size) & (start + offs_q < seqlen), other=0.0)
+    a_end = tl.sum(dt_q.to(tl.float32) * A_h)
+    # step 3b: B^T (decay_to_end * dt * X), BLOCK_K steps at a time, carrying a_cum along
+    acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+    a_before = a_end * 0.0
+    for k0 in range(0, chunk_size, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        valid_k = (offs_k < chunk_size) & (start + offs_k < seqlen)
+        dt_k = tl.load(DT + (start + offs_k) * sdt_l, mask=valid_k, other=0.0).to(tl.float32)
+        a_k = a_before + tl.cumsum(dt_k * A_h, axis=0)
+        a_before += tl.sum(dt_k * A_h)
+        tl.store(ACUM + pid_bh * nchunks * chunk_size + start + offs_k, a_k, mask=(offs_k < chunk_size) & (pid_np == 0))
+        x = tl.load(
+            X + (start + offs_k)[:, None] * sx_l + offs_p[None, :] * sx_p,
+            mask=valid_k[:, None] & (offs_p[None, :] < headdim),
+            other=0.0,
+        )
+        Bt = tl.load(  # (BLOCK_N, BLOCK_K): B transposed through its strides
+            B + offs_n[:, None] * sb_n + (start + offs_k)[None, :] * sb_l,
+            mask=(offs_n[:, None] < dstate) & valid_k[None, :],
+            other=0.0,
+        )
+        w = tl.exp(a_end - a_k) * dt_k
+        acc = _dot(Bt, (x.to(tl.float32) * w[:, None]).to(Bt.dtype), acc, DOT, UPCAST)
+    S += ((b * nchunks + pid_c) * nheads + h) * dstate * headdim
+    tl.store(
+        S + offs_n[:, None] * headdim + offs_p[None, :],
+        acc,
+        mask=(offs_n[:, None] < dstate) & (offs_p[None, :] < headdim),
+    )
+
+
+@triton.jit
+def _state_passing_kernel(
+    S, ACUM, INIT, FINAL,
+    chunk_size, nchunks, nheads, headdim, dstate, si_b, si_h, si_n, si_p,
+    HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """grid (cdiv(n*p, BLOCK), b*h). The recurrence across chunks, in fp32:
+    S[c] <- state entering chunk c; state <- exp(a_end[c]) * state + S[c]."""
+    pid, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = pid_bh // nheads, pid_bh % nheads
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # flat (n, p) index
+    mask = offs < dstate * headdim
+    if HAS_INIT:
+        init_ptrs = INIT + b * si_b + h * si_h + (offs // headdim) * si_n + (offs % headdim) * si_p
+        state = tl.load(init_ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(nchunks):
+        ptrs = S + ((b * nchunks + c) * nheads + h) * dstate * headdim + offs
+        own = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, state, mask=mask)
+        a_end = tl.load(ACUM + (pid_bh * nchunks + c) * chunk_size + chunk_size - 1)
+        state = state * tl.exp(a_end) + own
+    tl.store(FINAL + pid_bh * dstate * headdim + offs, state, mask=mask)
+
+
+@triton.autotune(_configs(_SCAN_NAMES, _SCAN_TILES), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _chunk_scan_kernel(
+    X, DT, B, C, S, ACUM, D, Y,
+    seqlen, chunk_size, nheads, heads_per_group, headdim, dstate,
+    sx_b, sx_l, sx_h, sx_p, sdt_b, sdt_l, sdt_h, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
+    sy_b, sy_l, sy_h, sy_p,
+    HAS_D: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """grid (m-blocks * p-blocks, b*h, c). Y rows m of one chunk, channels p; BLOCK_N covers n."""
+    pid_mp, pid_bh, pid_c = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    b, h = pid_bh // nheads, pid_bh % nheads
+    nchunks = tl.num_programs(2)
+    m_block = pid_mp // tl.cdiv(headdim, BLOCK_P)
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = (pid_mp % tl.cdiv(headdim, BLOCK_P)) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    start = pid_c * chunk_size
+    valid_m = (offs_m < chunk_size) & (start + offs_m < seqlen)
+    X += b * sx_b + h * sx_h
+    DT += b * sdt_b + h * sdt_h
+    B += b * sb_b + (h // heads_per_group) * sb_g
+    C += b * sc_b + (h // heads_per_group) * sc_g
+    ACUM += pid_bh * nchunks * chunk_size + start
+    a_m = tl.load(ACUM + offs_m, mask=offs_m < chunk_size, other=0.0)
+    c_m = tl.load(
+        C + (start + offs_m)[:, None] * sc_l + offs_n[None, :] * sc_n,
+        mask=valid_m[:, None] & (offs_n[None, :] < dstate),
+        other=0.0,
+    )
+    # step 5: the state entering the chunk, read out by C and decayed to each row
+    S += ((b * nchunks + pid_c) * nheads + h) * dstate * headdim
+    state = tl.load(
+        S + offs_n[:, None] * headdim + offs_p[None, :],
+        mask=(offs_n[:, None] < dstate) & (offs_p[None, :] < headdim),
+        other=0.0,
+    )
+    acc = _dot(c_m, state.to(c_m.dtype), tl.zeros((BLOCK_M, BLOCK_P), tl.float32), DOT, UPCAST)
+    acc *= tl.exp(a_m)[:, None]
+    # step 2: inside the chunk, (C B^T o L) (dt X) over the columns up to the diagonal
+    for k0 in range(0, tl.minimum((m_block + 1) * BLOCK_M, chunk_size), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        valid_k = (offs_k < chunk_size) & (start + offs_k < seqlen)
+        Bt = tl.load(
+            B + offs_n[:, None] * sb_n + (start + offs_k)[None, :] * sb_l,
+            mask=(offs_n[:, None] < dstate) & valid_k[None, :],
+            other=0.0,
+        )
+        CB = _dot(c_m, Bt, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), DOT, UPCAST)
+        a_k = tl.load(ACUM + offs_k, mask=offs_k < chunk_size, other=0.0)
+        dt_k = tl.load(DT + (start + offs_k) * sdt_l, mask=valid_k, other=0.0).to(tl.float32)
+        causal = offs_m[:, None] >= offs_k[None, :]
+        L = tl.exp(tl.where(causal, a_m[:, None] - a_k[None, :], float("-inf")))
+        x_k = tl.load(
+            X + (start + offs_k)[:, None] * sx_l + offs_p[None, :] * sx_p,
+            mask=valid_k[:, None] & (offs_p[None, :] < headdim),
+            other=0.0,
+        )
+        acc = _dot((CB * L * dt_k[None, :]).to(x_k.dtype), x_k, acc, DOT, UPCAST)
+    # step 6: the skip connection
+    mask_mp = valid_m[:, None] & (offs_p[None, :] < headdim)
+    if HAS_D:
+        x_m = tl.load(X + (start + offs_m)[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mask_mp, other=0.0)
+        acc += x_m.to(tl.float32) * tl.load(D + h).to(tl.float32)
+    Y += b * sy_b + h * sy_h
+    tl.store(Y + (start + offs_m)[:, None] * sy_l + offs_p[None, :] * sy_p, acc, mask=mask_mp)
+
+
+def ssd_scan(X, dt, A, B, C, chunk_size: int, D=None, initial_state=None) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan in Triton; three launches, no host loop over chunks or heads.
+
+    X (b, l, h, p) fp32/bf16/fp16, any strides; dt (b, l, h) after softplus; A (h,);
+    B, C (b, l, g, n) with g dividing h; D (h,) or None; initial_state (b, h, n, p) or None.
+    Returns Y (b, l, h, p) in X's dtype and the final state (b, h, n, p) in fp32.
+    """
+    require_triton()
+    b, l, h, p = X.shape
+    g, n = B.shape[2:]
+    if h % g or B.shape != C.shape or B.dtype != C.dtype or B.shape[:2] != (b, l):
+        raise ValueError(f"ssd_scan needs B, C (b, l, g, n) alike, g dividing h; got X {tuple(X.shape)}, "
+                         f"B {tuple(B.shape)} {B.dtype}, C {tuple(C.shape)} {C.dtype}")  # fmt: skip
+    Y = torch.empty(b, l, h, p, dtype=X.dtype, device=X.device)
+    final = torch.empty(b, h, n, p, dtype=torch.float32, device=X.device)
+    if l == 0:
+        return Y, final.copy_(initial_state) if initial_state is not None else final.zero_()
+    c = triton.cdiv(l, chunk_size)
+    a_cum = torch.empty(b, h, c * chunk_size, dtype=torch.float32, device=X.device)
+    states = torch.empty(b, c, h, n, p, dtype=torch.float32, device=X.device)
+    dims = (l, chunk_size, h, h // g, p, n)  # seqlen, chunk_size, nheads, heads_per_group, headdim, dstate
+    strides = (*X.stride(), *dt.stride(), *B.stride())
+    dot = FP32_DOT if X.dtype == torch.float32 else "tf32"  # moot for half operands
+    upcast = interpreting() and X.dtype == torch.bfloat16
+
+    def state_grid(meta):
+        return triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(p, meta["BLOCK_P"]), b * h, c
+
+    _chunk_state_kernel[state_grid](
+        X, dt, A, B, a_cum, states, *dims, *strides, DOT=dot, UPCAST=upcast, BLOCK_Q=next_pow2(chunk_size)
+    )
+    init = initial_state if initial_state is not None else final  # a placeholder pointer when absent
+    _state_passing_kernel[(triton.cdiv(n * p, 256), b * h)](
+        states, a_cum, init, final, chunk_size, c, h, p, n, *init.stride(),
+        HAS_INIT=initial_state is not None, BLOCK=256,
+    )  # fmt: skip
+
+    def scan_grid(meta):
+        return triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), b * h, c
+
+    _chunk_scan_kernel[scan_grid](
+        X, dt, B, C, states, a_cum, D if D is not None else A, Y, *dims, *strides, *C.stride(), *Y.stride(),
+        HAS_D=D is not None, DOT=dot, UPCAST=upcast, BLOCK_N=next_pow2(n),
+    )  # fmt: skip
+    return Y, final
