@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseq.bundle import ONNXRUNTIME_FLAVORS, read_manifest
+from edgeseq.errors import EdgeseqError
 
 
 def _time_session(session, steps: int, prompt: np.ndarray) -> dict:
@@ -55,7 +56,8 @@ def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: 
     return row
 
 
-def bench_bundle(bundle: Path, steps: int, prompt_len: int, threads: int) -> list[dict]:
+def bench_bundle(bundle: Path, steps: int, prompt_len: int, threads: int, only: list[str] | None = None) -> list[dict]:
+    """One row per runtime (``only``: those named, e.g. ["onnxruntime:portable"])."""
     manifest = read_manifest(bundle)
     runtimes = [f"onnxruntime:{f}" for f in manifest["flavors"] if f in ONNXRUNTIME_FLAVORS]
     try:
@@ -64,6 +66,11 @@ def bench_bundle(bundle: Path, steps: int, prompt_len: int, threads: int) -> lis
         runtimes.append("torch")
     except ImportError:
         pass
+    if only:
+        missing = sorted(set(only) - set(runtimes))
+        if missing:
+            raise EdgeseqError(f"cannot bench {missing} here; this bundle and machine offer {runtimes}")
+        runtimes = [r for r in runtimes if r in only]
     ctx = mp.get_context("spawn")
     rows = []
     for runtime in runtimes:

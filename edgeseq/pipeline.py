@@ -6,8 +6,8 @@ width, the sizing model (``edgeseq.targets.plan``) picks the widest configuratio
 fits the target; with one, a configuration that cannot fit is refused. Validation runs
 the PyTorch reference (fp32, on CUDA when there is a GPU) against every graph
 onnxruntime can run here, on held-out prompts, ``steps`` decode steps with the state fed
-back and one long stream, and for every precision below fp32 the held-out bits-per-byte
-gate; graphs it cannot run here are named in the manifest.
+back and one long stream, and the held-out gate (bits per byte, top-1, KL on held-out
+text; what quantized bundles are judged on); graphs it cannot run here are named in the manifest.
 
 The bundle is what ships: graphs, manifest, README. The reference is rebuilt from the
 source model the manifest names (its weights digest is checked), or carried in
@@ -67,6 +67,7 @@ class ExportRequest:
     int4_block_size: int = 32
     embed_reference: bool = False
     heldout: tuple[int, int] = (16, 512)  # bits-per-byte gate: streams x tokens
+    reference_device: str = "auto"  # where the PyTorch reference runs: auto (CUDA when there is one), cpu, cuda
 
 
 Progress = Callable[[str, str], None]  # (stage, detail)
@@ -117,7 +118,7 @@ def reference_device() -> str:
 
 @dataclass
 class FlavorValidation:
-    """One flavor's verdict: the step/prefill comparison and, below fp32, the held-out gate."""
+    """One flavor's verdict: the step/prefill comparison and the held-out gate."""
 
     compare: Any  # CompareResult
     heldout: Any = None  # HeldoutResult, or None where not judged
@@ -140,8 +141,8 @@ class FlavorValidation:
 def validate_flavor(bundle: Path, model, flavor: str, precision: str, steps: int, long_steps: int, prompts: int,
                     device: str, threads: int | None = None, heldout: tuple[int, int] | None = (16, 512),
                     graphs: dict[str, str] | None = None) -> FlavorValidation:
-    """Compare the bundle's graphs of one flavor with the reference; below fp32 also judge
-    held-out bits per byte (``heldout`` = streams x tokens; None skips it)."""
+    """Compare the bundle's graphs of one flavor with the reference, and judge held-out
+    bits per byte, top-1 and KL (``heldout`` = streams x tokens; None skips it)."""
     from edgeseq.data import PAD
     from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
     from edgeseq.runtimes.torch_runner import TorchRunner
@@ -169,8 +170,8 @@ def validate_flavor(bundle: Path, model, flavor: str, precision: str, steps: int
             steps=steps, long_steps=long_steps, prefill=(ref_pre, cand_pre, prefill_io),
             reference_device=f"{device}:{_device_name(device)}",
         )  # fmt: skip
-        if precision == "fp32" or heldout is None:
-            return FlavorValidation(result, heldout_skipped="fp32 is judged on the logits" if heldout else "not asked")
+        if heldout is None:
+            return FlavorValidation(result, heldout_skipped="not asked")
         if model.config.vocab_size <= PAD:
             return FlavorValidation(result, heldout_skipped="the model's vocabulary is not bytes")
         streams, tokens = heldout
@@ -287,7 +288,7 @@ def write_bundle(req: ExportRequest, model, graphs: dict, manifest: dict, progre
             manifest["reference"] = {**manifest["reference"], "embedded": "reference"}
         validation = {"ran": {}, "not_run": {}}
         if req.validate:
-            device = reference_device()
+            device = reference_device() if req.reference_device == "auto" else req.reference_device
             for flavor in graphs:
                 if flavor not in ONNXRUNTIME_FLAVORS:
                     validation["not_run"][flavor] = NOT_RUNNABLE

@@ -20,7 +20,7 @@ CELLS = [(m, w) for m in ("mamba2-tiny", "hybrid-tiny") for w in ("1", "0.5", "0
 
 
 def cell(args) -> dict:
-    model, width, steps, long_steps, work, threads = args
+    model, width, steps, long_steps, work, threads, device = args
     from edgeseq.pipeline import ExportRequest, export_bundle
     from edgeseq.width import WidthSpec
 
@@ -30,7 +30,7 @@ def cell(args) -> dict:
         return _row(model, width, out, manifest, None)
     t0 = time.time()
     req = ExportRequest(model, "x86-64-cpu", WidthSpec.parse(width), out, None, steps=steps, long_steps=long_steps,
-                        overwrite=True, threads=threads)
+                        overwrite=True, threads=threads, reference_device=device)
     try:
         manifest = export_bundle(req)
     except Exception as e:  # a failed cell is a row of the table, not a crash of the matrix
@@ -63,8 +63,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--long-steps", type=int, default=4096)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the reference runs")
     args = ap.parse_args()
-    jobs = [(m, w, args.steps, args.long_steps, args.work, args.threads) for m, w in CELLS]
+    jobs = [(m, w, args.steps, args.long_steps, args.work, args.threads, args.device) for m, w in CELLS]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(cell, jobs)
     out = Path(args.out)

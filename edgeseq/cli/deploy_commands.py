@@ -60,10 +60,13 @@ def _bundle_name(model: str | None, target: str, spec: WidthSpec | None, precisi
 @click.option("--long-steps", type=int, default=4096, show_default=True, help="Length of the drift stream.")
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest says so).")
 @click.option("--embed-reference", is_flag=True, help="Carry the fp32 reference checkpoint in the bundle.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the PyTorch reference runs during validation.")
+@click.option("--threads", type=int, help="onnxruntime threads during validation (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @json_option
 def export(model, target, width, widths, precision, memory_budget, min_tokens_per_s, int4_block_size, flavor, output,
-           steps, long_steps, no_validate, embed_reference, overwrite, as_json):
+           steps, long_steps, no_validate, embed_reference, device, threads, overwrite, as_json):
     """Plan, extract, export, quantize, validate and bundle a submodel for a device.
 
     Without --width, the widest configuration that fits the target's memory (and
@@ -89,7 +92,7 @@ def export(model, target, width, widths, precision, memory_budget, min_tokens_pe
     req = ExportRequest(model, target, spec, output, flavor, precision, steps=steps, long_steps=long_steps,
                         validate=not no_validate, overwrite=overwrite, memory_budget=budget,
                         min_tokens_per_s=min_tokens_per_s, int4_block_size=int4_block_size,
-                        embed_reference=embed_reference)
+                        embed_reference=embed_reference, threads=threads, reference_device=device)
     console = Console(stderr=as_json)
     manifest = export_bundle(req, _progress_printer(console))
     _report_bundle(console, output, manifest, as_json)
@@ -214,8 +217,9 @@ def run(bundle, prompt, n, temperature, top_k, seed, flavor, threads, as_json):
 @click.option("--prompt-len", type=int, default=512, show_default=True, help="Prompt length for prefill tokens/s.")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Also write the JSON here.")
+@click.option("--runtime", "only", multiple=True, help="Only this runtime (repeatable): onnxruntime:portable, torch, ...")
 @json_option
-def bench(bundle, steps, prompt_len, threads, out, as_json):
+def bench(bundle, steps, prompt_len, threads, out, only, as_json):
     """Decode latency per token, prefill tokens/s and peak RSS for each runtime that can run
     the bundle here (each in its own process, so peak RSS is its own).
 
@@ -227,7 +231,7 @@ def bench(bundle, steps, prompt_len, threads, out, as_json):
 
     from edgeseq.benchmark import bench_bundle
 
-    rows = bench_bundle(bundle, steps, prompt_len, threads)
+    rows = bench_bundle(bundle, steps, prompt_len, threads, list(only) or None)
     doc = {"bundle": str(bundle), "threads": threads, "steps": steps, "prompt_len": prompt_len, "rows": rows}
     if out:
         out.write_text(json.dumps(doc, indent=1) + "\n")
