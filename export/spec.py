@@ -86,12 +86,13 @@ def graph_io(config: ModelConfig, kind: str, all_logits: bool = False, state_dty
 class Tolerance:
     """What a candidate must meet against the fp32 reference, per precision.
 
-    fp32 and fp16 are judged on the logits themselves; quantized weights move individual
-    logits by design, so int8 and int4 are judged on what a user sees, on held-out text
-    (``edgeseq.validate.heldout``): the argmax, the distribution (KL) and bits per byte.
-    Their greedy streams are still judged on top-1 agreement; there their KL is reported,
-    not judged (a self-reinforcing greedy loop makes it large without changing the text).
-    ``None`` means "not judged".
+    fp32 is judged on the logits themselves, at every position of prompts and streams.
+    Reduced precisions (fp16 weights and products, int8, int4) move individual logits by
+    design, so they are judged ``held_out_only``: on held-out text
+    (``edgeseq.validate.heldout``: top-1, KL, bits per byte) and on top-1 agreement over
+    the 256 greedy decode steps; their max abs error, drift and KL on prompts and greedy
+    streams are reported, not judged (a self-reinforcing greedy loop can move them far
+    without changing what the model says). ``None`` means "not judged".
     """
 
     max_abs_logit: float | None  # largest |candidate - reference| over all logits and steps
@@ -99,12 +100,12 @@ class Tolerance:
     kl: float  # mean KL(reference || candidate) per position, nats
     drift: float | None  # largest |error| over the long stream (state fed back thousands of times)
     bpb_delta: float  # held-out bits-per-byte increase allowed over the fp32 reference
-    kl_on_streams: bool = True  # judge KL on prompts and greedy streams too, not only held-out text
+    held_out_only: bool = False  # see above
 
 
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs_logit=1e-4, top1_agreement=1.0, kl=1e-6, drift=1e-4, bpb_delta=1e-4),
-    "fp16": Tolerance(max_abs_logit=5e-2, top1_agreement=0.98, kl=1e-3, drift=1e-1, bpb_delta=0.005),
-    "int8": Tolerance(max_abs_logit=None, top1_agreement=0.95, kl=0.01, drift=None, bpb_delta=0.02, kl_on_streams=False),
-    "int4": Tolerance(max_abs_logit=None, top1_agreement=0.90, kl=0.03, drift=None, bpb_delta=0.05, kl_on_streams=False),
+    "fp16": Tolerance(max_abs_logit=None, top1_agreement=0.98, kl=1e-3, drift=None, bpb_delta=0.005, held_out_only=True),
+    "int8": Tolerance(max_abs_logit=None, top1_agreement=0.95, kl=0.01, drift=None, bpb_delta=0.02, held_out_only=True),
+    "int4": Tolerance(max_abs_logit=None, top1_agreement=0.90, kl=0.03, drift=None, bpb_delta=0.05, held_out_only=True),
 }

@@ -48,7 +48,7 @@ def test_identical_runners_pass_every_phase(seed):
     assert result.summary().startswith("PASS")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32"])
 @pytest.mark.parametrize("factor, passes", [(0.5, True), (2.0, False)])
 def test_logit_error_either_side_of_the_limit(precision, factor, passes, seed):
     limit = TOLERANCES[precision].max_abs_logit
@@ -64,12 +64,12 @@ def test_logit_error_either_side_of_the_limit(precision, factor, passes, seed):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 def test_quantized_precisions_are_judged_on_argmax_and_kl_not_logit_size(precision, seed):
     shifted = compare_decode(ToyRunner(seed), ToyRunner(seed, logit_offset=5.0), toy_io(), 6, tolerance=precision, seed=seed)
     assert shifted and shifted.outputs["logits"].max_abs == pytest.approx(5.0, rel=1e-3)  # a shift moves no argmax
     assert TOLERANCES[precision].max_abs_logit is None and TOLERANCES[precision].drift is None
-    assert not TOLERANCES[precision].kl_on_streams  # greedy streams: top-1 judged, KL reported
+    assert TOLERANCES[precision].held_out_only  # greedy streams: top-1 judged, KL reported
 
 
 def _one_call(comparison: Comparison, r: np.ndarray, c: np.ndarray):
@@ -99,7 +99,7 @@ def test_kl_limit_and_which_phases_judge_it():
     r = rng.normal(size=(8, V))
     kl_only = Tolerance(max_abs_logit=1e9, top1_agreement=1.0, kl=1e-5, drift=1e9, bpb_delta=0.0)
     heldout_only = Tolerance(max_abs_logit=None, top1_agreement=1.0, kl=1e-5, drift=None, bpb_delta=0.0,
-                             kl_on_streams=False)
+                             held_out_only=True)
     for scale, ok in ((1.001, True), (1.5, False)):  # a temperature: KL moves, argmax stays
         for phase in ("decode", "long_stream", "prefill"):
             for tol, judged in ((kl_only, True), (heldout_only, False)):

@@ -29,11 +29,11 @@ def test_assert_parity_returns_the_result_when_it_holds(seed):
 def test_assert_parity_fails_with_a_readable_summary(tmp_path, seed):
     report, plot = tmp_path / "parity.json", tmp_path / "drift.png"
     with pytest.raises(AssertionError) as info:
-        assert_parity(ToyRunner(seed, "ref"), ToyRunner(seed, "cand", logit_offset=0.2), toy_io(), "fp16",
+        assert_parity(ToyRunner(seed, "ref"), ToyRunner(seed, "cand", logit_offset=0.2), toy_io(), "fp32",
                       seed=seed, report=report, plot=plot, **SMALL)  # fmt: skip
     lines = str(info.value).splitlines()
-    assert lines[0].startswith("FAIL: ref vs cand at fp16")
-    assert any(re.fullmatch(r"  decode/logits: max_abs_logit 0\.(2|19)\d* > limit 0\.05 \(first at call 0\)", x) for x in lines)
+    assert lines[0].startswith("FAIL: ref vs cand at fp32")
+    assert any(re.fullmatch(r"  decode/logits: max_abs_logit 0\.(2|19)\d* > limit 0\.0001 \(first at call 0\)", x) for x in lines)
     assert lines[-1] == f"report: {report}"
     assert load_report(report)["passed"] is False and plot.stat().st_size > 0  # written before raising
 
