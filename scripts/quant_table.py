@@ -29,19 +29,29 @@ def edgeseq(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def export_cell(model: str, width: str, precision: str, work: Path, threads: int, device: str) -> dict:
+def export_cell(model: str, width: str, precision: str, work: Path, threads: int, device: str,
+                validate: bool = True) -> dict:
     out = work / f"{model}-w{width}-{precision}"
     if (out / "manifest.json").is_file():
         return {"output": str(out), "manifest": json.loads((out / "manifest.json").read_text())}
     return edgeseq("export", "--model", model, "--target", "x86", "--flavor", "portable", "--width", width,
-                   "--quant", precision, "-o", str(out), "--overwrite", "--threads", str(threads), "--device", device)
+                   "--quant", precision, "-o", str(out), "--overwrite", "--threads", str(threads), "--device", device,
+                   *([] if validate else ["--no-validate"]))
 
 
-def row_of(model: str, width: str, precision: str, doc: dict, bench: dict | None) -> dict:
+def row_of(model: str, width: str, precision: str, doc: dict, bench: dict | None, validated: dict | None = None) -> dict:
     row = {"model": model, "width": width, "precision": precision}
     if "error" in doc:
         return row | {"error": doc["error"]}
     manifest, out = doc["manifest"], Path(doc["output"])
+    if validated is not None:  # validation figures from another run of the same export (same graph bytes)
+        files = {k: v for k, v in manifest["files"].items() if k.endswith(".onnx")}
+        size = sum((out / rel).stat().st_size for rel in files)
+        if files != validated.get("graph_sha256", files) or size != validated["graph_bytes"]:
+            return row | {"error": "graphs differ from the validated run's; the export is not deterministic here"}
+        row |= {k: v for k, v in validated.items() if k not in ("bundle_bytes", "graph_bytes")}
+        row |= {"bundle_bytes": validated["bundle_bytes"], "graph_bytes": validated["graph_bytes"]}
+        return _bench_columns(row, bench)
     ran = manifest["validation"]["ran"]["portable"]
     heldout = ran["heldout"]
     row |= {
@@ -56,7 +66,12 @@ def row_of(model: str, width: str, precision: str, doc: dict, bench: dict | None
         "heldout_tokens": heldout.get("tokens"),
         "quantization": manifest["quantization"],
         "reference": ran.get("reference"),
+        "graph_sha256": {k: v for k, v in manifest["files"].items() if k.endswith(".onnx")},
     }
+    return _bench_columns(row, bench)
+
+
+def _bench_columns(row: dict, bench: dict | None) -> dict:
     if bench and "rows" in bench:
         (r,) = bench["rows"]
         row |= {"decode_ms": r["decode_ms"], "tokens_per_s": 1e3 / r["decode_ms"], "bench_threads": bench["threads"],
@@ -75,19 +90,26 @@ def main() -> None:
     ap.add_argument("--bench-steps", type=int, default=400)
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where the reference runs")
+    ap.add_argument("--validated", help="JSON of an earlier run (e.g. a faster machine): take its validation "
+                    "figures, export here without validating, check the graphs are byte-identical, bench here")
     args = ap.parse_args()
+    validated = None
+    if args.validated:
+        validated = {(r["width"], r["precision"]): r for r in json.loads(Path(args.validated).read_text())}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cells = [(w, p) for w in args.widths.split(",") for p in PRECISIONS]
     with ThreadPoolExecutor(args.jobs) as pool:  # each export is its own process
-        docs = list(pool.map(lambda c: export_cell(args.model, *c, work, args.bench_threads, args.device), cells))
+        docs = list(pool.map(lambda c: export_cell(args.model, *c, work, args.bench_threads, args.device,
+                                                   validated is None), cells))
     rows = []
     for (width, precision), doc in zip(cells, docs):  # benchmarks one at a time: nothing else on the cores
         bench = None
         if "error" not in doc and not args.no_bench:
             bench = edgeseq("bench", doc["output"], "--runtime", "onnxruntime:portable", "--threads",
                             str(args.bench_threads), "--steps", str(args.bench_steps), "--prompt-len", "256")
-        rows.append(row_of(args.model, width, precision, doc, bench))
+        rows.append(row_of(args.model, width, precision, doc, bench,
+                           validated[(width, precision)] if validated is not None else None))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.model}.json").write_text(json.dumps(rows, indent=1) + "\n")
