@@ -27,13 +27,12 @@ from edgeseq.bundle import (
     NOT_RUNNABLE,
     ONNXRUNTIME_FLAVORS,
     device_readme,
-    graph_path,
     read_manifest,
     write_graph,
     write_manifest,
 )
 from edgeseq.errors import EdgeseqError
-from edgeseq.export.graphs import build_graph
+from edgeseq.export.graphs import SPLIT_K, build_graph
 from edgeseq.export.quantize import QuantOptions, quantize_graph
 from edgeseq.export.spec import graph_io
 from edgeseq.extract import extract
@@ -247,7 +246,8 @@ def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail:
     graphs = {}
     for flavor in flavors:
         progress("export", flavor)
-        graphs[flavor] = {kind: build_graph(model, kind, flavor) for kind in ("step", "prefill")}
+        split = SPLIT_K if chosen.precision == "fp32" else None  # quantizers need the plain MatMuls
+        graphs[flavor] = {kind: build_graph(model, kind, flavor, split_k=split) for kind in ("step", "prefill")}
         if chosen.precision != "fp32":
             progress("quantize", f"{flavor}: {options.describe()}")
             graphs[flavor] = {kind: quantize_graph(g, options) for kind, g in graphs[flavor].items()}
@@ -315,9 +315,9 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
                     validate: bool = True, steps: int = 256, long_steps: int = 4096, threads: int | None = None,
                     device: str = "auto", reference: str | None = None,
                     progress: Progress = lambda stage, detail: None) -> dict[str, Any]:
-    """A new bundle with ``source``'s fp32 graphs quantized to ``precision`` and validated."""
-    import onnx
-
+    """A new bundle of ``source``'s model, width and flavors at ``precision``, validated.
+    The graphs are rebuilt from the reference (checked against the source's weights
+    digest) without the fp32 graphs' blocked sums, then quantized."""
     from edgeseq.validation_cli import reference_model
 
     manifest = read_manifest(source)
@@ -327,12 +327,11 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
     if precision not in target.precisions:
         _unsupported(target, precision)
     options = quant_options(target, precision, block_size)
-    graphs = {}
-    for flavor in manifest["flavors"]:
-        progress("quantize", f"{flavor}: {options.describe()}")
-        graphs[flavor] = {kind: quantize_graph(onnx.load(graph_path(source, manifest, flavor, kind)), options)
-                          for kind in ("step", "prefill")}
     model, device = reference_model(source, manifest, device, reference)
+    graphs = {}
+    for flavor in manifest["flavors"]:  # rebuilt from the reference: the fp32 graphs' blocked sums hide the matrices
+        progress("quantize", f"{flavor}: {options.describe()}")
+        graphs[flavor] = {kind: quantize_graph(build_graph(model, kind, flavor), options) for kind in ("step", "prefill")}
     new = {k: v for k, v in manifest.items() if k not in ("files", "schema_version", "validation", "graphs")}
     new |= {"precision": precision, "quantization": options.describe(), "quantized_from": str(source)}
     new["reference"] = {k: v for k, v in manifest["reference"].items() if k != "embedded"}

@@ -20,9 +20,11 @@ DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64":
 
 
 class GraphBuilder:
-    def __init__(self, name: str, opset: int, extra_domains: dict[str, int] | None = None):
+    def __init__(self, name: str, opset: int, extra_domains: dict[str, int] | None = None, split_k: int | None = None):
         self.name = name
         self.opset = opset
+        self.split_k = split_k  # weight products summed over K in blocks of this many (see ``linear``)
+        self.arrays: dict[str, np.ndarray] = {}  # initializer name -> its array, for graph code that reshapes weights
         self.domains = {"": opset, **(extra_domains or {})}
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -49,6 +51,7 @@ class GraphBuilder:
     def weight(self, name: str, array: np.ndarray) -> str:
         """A named initializer (model weights keep their checkpoint names)."""
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.arrays[name] = array
         return name
 
     def const(self, value, dtype: str | None = None) -> str:
@@ -87,9 +90,36 @@ def silu(g: GraphBuilder, x: str) -> str:
 
 
 def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str:
-    """x [..., in] @ weight [in, out] (+ bias). Weights are stored transposed for MatMul."""
-    y = g.op("MatMul", x, weight)
+    """x [..., in] @ weight [in, out] (+ bias). Weights are stored transposed for MatMul.
+
+    With ``g.split_k`` = s and ``in`` > s, the sum over ``in`` runs in c blocks of the
+    largest divisor of ``in`` not above s (at least 8), added at the end:
+
+        x [..., in] -> [..., c, 1, s] @ weight [c, s, out] -> [..., c, 1, out] -> sum over c
+
+    onnxruntime's CPU GEMM accumulates a dot product sequentially, so its rounding error
+    grows with ``in``; blocking brings it to the PyTorch reference's level, which matters
+    where a recurrence integrates it over thousands of steps. Quantizers need the plain
+    2-D MatMul, so graphs meant for quantization are built without it.
+    """
+    W = g.arrays.get(weight)
+    s = _block(W.shape[0], g.split_k) if g.split_k and W is not None and W.ndim == 2 else None
+    if s:
+        c, n = W.shape[0] // s, W.shape[1]
+        lead = g.op("Shape", x, end=-1)
+        blocks = g.op("Reshape", x, g.op("Concat", lead, g.ints(c, 1, s), axis=0))  # [..., c, 1, s]
+        partial = g.op("MatMul", blocks, g.weight(f"{weight}.blocks", W.reshape(c, s, n)))  # [..., c, 1, out]
+        y = g.op("ReduceSum", g.op("Squeeze", partial, g.ints(-2)), g.ints(-2), keepdims=0)  # [..., out]
+    else:
+        y = g.op("MatMul", x, weight)
     return g.op("Add", y, bias) if bias else y
+
+
+def _block(k: int, most: int) -> int | None:
+    """The largest divisor of k in [8, most], if k is longer than ``most``."""
+    if k <= most:
+        return None
+    return next((s for s in range(most, 7, -1) if k % s == 0), None)
 
 
 def rmsnorm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:

@@ -13,21 +13,25 @@ import numpy as np
 import onnx
 
 from edgeseq.errors import EdgeseqError
-from edgeseq.export.builder import GraphBuilder, rmsnorm
+from edgeseq.export.builder import GraphBuilder, linear, rmsnorm
 from edgeseq.export.flavors import FLAVORS
 from edgeseq.export.layers import block
 from edgeseq.export.spec import GraphIO, graph_io, needs_position
 from edgeseq.model import NestedLM
 
 INT_MAX = np.iinfo(np.int64).max
+SPLIT_K = 64  # fp32 bundles: dot products summed in blocks of up to 64 (accuracy over long streams)
 
 
 def model_weights(model: NestedLM) -> dict[str, np.ndarray]:
     return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-def build_graph(model: NestedLM, kind: str, flavor: str = "portable", all_logits: bool = False) -> onnx.ModelProto:
-    """The ONNX graph of ``model``'s step or prefill, in the given flavor."""
+def build_graph(model: NestedLM, kind: str, flavor: str = "portable", all_logits: bool = False,
+                split_k: int | None = None) -> onnx.ModelProto:
+    """The ONNX graph of ``model``'s step or prefill, in the given flavor. ``split_k``:
+    weight products summed in blocks of that many (``builder.linear``; fp32 bundles use
+    ``SPLIT_K``, graphs to be quantized none)."""
     if flavor not in FLAVORS:
         raise EdgeseqError(f"unknown flavor {flavor!r}; use one of {sorted(FLAVORS)}")
     config, fl = model.config, FLAVORS[flavor]
@@ -35,7 +39,7 @@ def build_graph(model: NestedLM, kind: str, flavor: str = "portable", all_logits
         raise EdgeseqError("export needs mamba.d_conv >= 2 (a conv state of at least one token)")
     io = graph_io(config, kind, all_logits)
     weights = model_weights(model)
-    g = GraphBuilder(f"edgeseq_{kind}", fl.opset, fl.domains)
+    g = GraphBuilder(f"edgeseq_{kind}", fl.opset, fl.domains, split_k=split_k)
     names = {spec.name: g.input(spec) for spec in io.inputs}
     rank = 2 if kind == "step" else 3
     emb = g.weight("embedding.weight", weights["embedding.weight"])
@@ -53,7 +57,7 @@ def build_graph(model: NestedLM, kind: str, flavor: str = "portable", all_logits
     if rank == 3 and not all_logits:
         h = g.op("Squeeze", g.op("Slice", h, g.ints(-1), g.ints(INT_MAX), g.ints(1)), g.ints(1))
     head = weights["embedding.weight"] if config.tie_embeddings else weights["lm_head.weight"]
-    logits = g.op("MatMul", h, g.weight("lm_head.weight.t", np.ascontiguousarray(head.T)))
+    logits = linear(g, h, g.weight("lm_head.weight.t", np.ascontiguousarray(head.T)))
     outputs = {"logits": logits, **presents}
     if needs_position(config):
         tokens = g.op("Shape", names["input_ids"], start=1, end=2)
