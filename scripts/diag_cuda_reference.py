@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2048)
     args = ap.parse_args()
     full, _ = load_model(args.model)
-    sub = lambda dtype, dev: extract(full, WidthSpec.parse(args.width)).to(dtype).to(dev).eval()  # noqa: E731
+    sub = lambda dtype, dev: extract(full, WidthSpec.parse(args.width)).to(dtype).to(dev).eval()
     sides = {"fp64-cpu": sub(torch.float64, "cpu"), "fp32-cpu": sub(torch.float32, "cpu")}
     if torch.cuda.is_available():
         sides["fp32-cuda"] = sub(torch.float32, "cuda")
@@ -40,8 +40,8 @@ def main() -> None:
                 dev = next(m.parameters()).device
                 out, states[k] = m.step(token.to(dev), states[k])
                 logits[k] = out.double().cpu().numpy()
-            for k in err:
-                err[k].append(float(np.abs(logits[k] - logits["fp64-cpu"]).max()))
+            for k, series in err.items():
+                series.append(float(np.abs(logits[k] - logits["fp64-cpu"]).max()))
             nxt = tokens[:, t + 1] if t + 1 < tokens.shape[1] else np.argmax(logits["fp64-cpu"], -1)
             token = torch.from_numpy(np.asarray(nxt, dtype=np.int64))
     for k, v in err.items():

@@ -126,7 +126,7 @@ def print_table(rows: list[dict]) -> None:
             continue
         base = fp32.get(r["width"], r)
         speed = r.get("tokens_per_s", float("nan"))
-        print(f"{r['width']:>5} {r['precision']:<5} {str(r['passed']):<5} {r['bundle_bytes'] / 2**20:>10.2f} "
+        print(f"{r['width']:>5} {r['precision']:<5} {r['passed']!s:<5} {r['bundle_bytes'] / 2**20:>10.2f} "
               f"{r['bundle_bytes'] / base['bundle_bytes']:>6.2f} {r['heldout_bpb']:>9.4f} {r['bpb_delta']:>+8.4f} "
               f"{r['kl']:>9.2e} {r['top1']:>6.4f} {speed:>7.0f} {speed / base.get('tokens_per_s', float('nan')):>6.2f}")
 

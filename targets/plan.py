@@ -37,7 +37,7 @@ from edgeseq.width import LayerWidth, WidthSpec, resolve
 
 PRECISION_ORDER = ("fp32", "fp16", "int8", "int4")  # most faithful first
 INT4_BLOCK = 32
-RUNTIME_OVERHEAD = 48 * 2**20  # onnxruntime's code, arena and session bookkeeping, measured on x86 (README)
+RUNTIME_OVERHEAD = 48 * 2**20  # allowance for onnxruntime (estimate; the app around it is not counted)
 PREFILL_TOKENS = 512  # the prompt chunk the working-memory estimate allows for
 
 
