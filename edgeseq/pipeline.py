@@ -174,7 +174,8 @@ def validate_flavor(bundle: Path, model, flavor: str, precision: str, steps: int
         if model.config.vocab_size <= PAD:
             return FlavorValidation(result, heldout_skipped="the model's vocabulary is not bytes")
         streams, tokens = heldout
-        tokens = min(tokens, (limit or tokens + 1) - 1)
+        if limit is not None:  # a window of tokens + 1 bytes must fit a global attention cache
+            tokens = min(tokens, limit - 1)
         return FlavorValidation(result, heldout_gate(ref_step, cand_step, step_io, precision, streams, tokens))
     finally:
         for r in runners:
@@ -209,7 +210,8 @@ def plan_export(config, target: Target, req: ExportRequest) -> Plan:
     if req.width is None:
         rows = plan(config, target, min_tokens_per_s=req.min_tokens_per_s, memory_bytes=budget)
         if req.precision:
-            rows = [r for r in rows if r.precision == req.precision] or _unsupported(target, req.precision)
+            _check_supported(target, req.precision)
+            rows = [r for r in rows if r.precision == req.precision]
         choice = choose(rows, target, budget, req.min_tokens_per_s)
         return Plan(WidthSpec.parse(choice.row.width), choice.row.precision, choice.row.to_dict(), list(choice.reasons))
     precision = req.precision or target.default_precision
@@ -219,8 +221,9 @@ def plan_export(config, target: Target, req: ExportRequest) -> Plan:
     return Plan(req.width, precision, row.to_dict(), [why])
 
 
-def _unsupported(target: Target, precision: str):
-    raise EdgeseqError(f"{target.name} does not run {precision}; use one of {', '.join(target.precisions)}")
+def _check_supported(target: Target, precision: str) -> None:
+    if precision not in target.precisions:
+        raise EdgeseqError(f"{target.name} does not run {precision}; use one of {', '.join(target.precisions)}")
 
 
 def quant_options(target: Target, precision: str, block_size: int = 32) -> QuantOptions:
@@ -324,8 +327,7 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
     if manifest["precision"] != "fp32":
         raise EdgeseqError(f"{source} holds {manifest['precision']} graphs; quantize the fp32 bundle it came from")
     target = get_target(manifest["target"]["name"])
-    if precision not in target.precisions:
-        _unsupported(target, precision)
+    _check_supported(target, precision)
     options = quant_options(target, precision, block_size)
     model, device = reference_model(source, manifest, device, reference)
     graphs = {}

@@ -67,7 +67,7 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
         for f in runnable:
             with OnnxRuntimeRunner(graph_path(bundle, manifest, f, "step"), io=io) as cand:
                 result = compare_golden(cand, golden, tolerance=precision)
-            _record(outcome, f, result)
+            _record(outcome, f, result, result)
             _write_outputs(result, f, report, plot, len(runnable) > 1)
         return outcome
     from edgeseq.pipeline import stream_limit, validate_flavor, validation_prompts
@@ -88,13 +88,14 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
     for f in runnable:
         result = validate_flavor(bundle, model, f, precision, steps, long_steps, 4, device,
                                  graphs=manifest["graphs"][f])
-        _record(outcome, f, result.compare)
-        outcome["flavors"][f] |= {"passed": bool(result), "summary": result.summary(), **result.to_dict()}
-        outcome["passed"] &= bool(result)
+        _record(outcome, f, result, result.compare, result.to_dict()["heldout"])
         _write_outputs(result.compare, f, report, plot, len(runnable) > 1)
     return outcome
 
 
-def _record(outcome: dict, flavor: str, result) -> None:
-    outcome["flavors"][flavor] = {"passed": bool(result), "summary": result.summary(), "result": result.to_dict()}
-    outcome["passed"] &= bool(result)
+def _record(outcome: dict, flavor: str, verdict, compared, heldout: dict | None = None) -> None:
+    """``verdict`` decides (a CompareResult, or FlavorValidation with the held-out gate);
+    ``compared`` is the comparison whose statistics the outcome carries."""
+    entry = {"passed": bool(verdict), "summary": verdict.summary(), "result": compared.to_dict()}
+    outcome["flavors"][flavor] = entry | ({"heldout": heldout} if heldout is not None else {})
+    outcome["passed"] &= bool(verdict)

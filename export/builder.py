@@ -24,10 +24,9 @@ class GraphBuilder:
         self.name = name
         self.opset = opset
         self.split_k = split_k  # weight products summed over K in blocks of this many (see ``linear``)
-        self.arrays: dict[str, np.ndarray] = {}  # initializer name -> its array, for graph code that reshapes weights
         self.domains = {"": opset, **(extra_domains or {})}
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.arrays: dict[str, np.ndarray] = {}  # initializers by name, made into tensors at build()
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._counts: Counter[str] = Counter()
@@ -50,7 +49,6 @@ class GraphBuilder:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """A named initializer (model weights keep their checkpoint names)."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         self.arrays[name] = array
         return name
 
@@ -77,7 +75,9 @@ class GraphBuilder:
 
     # ---- build -------------------------------------------------------------------------
     def build(self, doc: str = "") -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        used = {i for n in self.nodes for i in n.input}  # a weight a graph function replaced is not stored
+        inits = [numpy_helper.from_array(np.ascontiguousarray(a), k) for k, a in self.arrays.items() if k in used]
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits)
         opsets = [helper.make_opsetid(d, v) for d, v in sorted(self.domains.items())]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeseq", doc_string=doc)
         model.ir_version = min(model.ir_version, 10 if self.opset <= 21 else 11)
@@ -102,8 +102,8 @@ def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str
     where a recurrence integrates it over thousands of steps. Quantizers need the plain
     2-D MatMul, so graphs meant for quantization are built without it.
     """
-    W = g.arrays.get(weight)
-    s = _block(W.shape[0], g.split_k) if g.split_k and W is not None and W.ndim == 2 else None
+    W = g.arrays[weight]
+    s = _block(W.shape[0], g.split_k) if g.split_k and W.ndim == 2 else None
     if s:
         c, n = W.shape[0] // s, W.shape[1]
         lead = g.op("Shape", x, end=-1)

@@ -62,22 +62,27 @@ class Footprint:
 
     def weight_bytes(self, precision: str) -> int:
         """Bytes of the weights one graph stores."""
-        if precision == "fp32":
-            return 4 * (self.matrix + self.embedding + self.other)
-        if precision == "fp16":
-            return 2 * (self.matrix + self.embedding) + 4 * self.other
-        if precision == "int8":
-            return self.matrix + 5 * self.matrix_columns + 4 * self.embedding + 4 * self.other
-        if precision == "int4":
-            q = self.matrix + self.embedding
-            return math.ceil(q / 2) + 4 * math.ceil(q / INT4_BLOCK) + 4 * self.other
-        raise EdgeseqError(f"unknown precision {precision!r}; use one of {', '.join(PRECISION_ORDER)}")
+        return _matrix_bytes(self.matrix, self.matrix_columns, precision) + _table_bytes(self.embedding, precision) \
+            + 4 * self.other
 
     def bytes_read_per_token(self, precision: str) -> int:
         """Weights a decode step reads: all but the embedding table, of which one row."""
-        table = self.weight_bytes(precision) - Footprint(0, 0, self.embedding, 0, 0, 0).weight_bytes(precision)
-        row = math.ceil(Footprint(0, 0, self.d_model, 0, 0, 0).weight_bytes(precision))
-        return table + row
+        return self.weight_bytes(precision) - _table_bytes(self.embedding, precision) + _table_bytes(self.d_model, precision)
+
+
+def _matrix_bytes(count: int, columns: int, precision: str) -> int:
+    if precision == "int8":
+        return count + 5 * columns  # int8 weights + a 4 B scale and a 1 B zero point per output channel
+    return _table_bytes(count, precision)
+
+
+def _table_bytes(count: int, precision: str) -> int:
+    if precision == "int4":
+        return math.ceil(count / 2) + 4 * math.ceil(count / INT4_BLOCK)
+    rate = {"fp32": 4, "fp16": 2, "int8": 4}.get(precision)  # int8 leaves the Gather table fp32
+    if rate is None:
+        raise EdgeseqError(f"unknown precision {precision!r}; use one of {', '.join(PRECISION_ORDER)}")
+    return rate * count
 
 
 def footprint(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> Footprint:

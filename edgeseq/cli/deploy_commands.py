@@ -85,8 +85,6 @@ def export(model, target, width, widths, precision, memory_budget, min_tokens_pe
 
     spec = _spec(width, widths)
     budget = _budget(memory_budget)
-    if int4_block_size < 16 or int4_block_size & (int4_block_size - 1):
-        raise EdgeseqError(f"--int4-block-size must be a power of two >= 16, not {int4_block_size}")
     name = get_target(target).name
     output = output or _bundle_name(model, name, spec, precision)
     req = ExportRequest(model, target, spec, output, flavor, precision, steps=steps, long_steps=long_steps,

@@ -131,3 +131,12 @@ def test_quantization_is_deterministic(model):
         a = quantize_graph(fp32, QuantOptions(precision)).SerializeToString()
         b = quantize_graph(fp32, QuantOptions(precision)).SerializeToString()
         assert a == b, precision
+
+
+def test_profiles_name_the_int8_presets_the_quantizer_has():
+    from edgeseq.export.quantize import INT8_PRESETS
+    from edgeseq.targets import all_targets
+    from edgeseq.targets.profile import INT8_PRESETS as PROFILE_PRESETS
+
+    assert set(PROFILE_PRESETS) == set(INT8_PRESETS)  # two lists, one truth
+    assert {t.int8_preset for t in all_targets()} <= set(INT8_PRESETS)
