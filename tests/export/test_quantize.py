@@ -52,7 +52,7 @@ def init_bytes(proto: onnx.ModelProto) -> int:
 
 @pytest.mark.parametrize("flavor", ["portable", "opset27"])
 @pytest.mark.parametrize("kind", ["step", "prefill"])
-@pytest.mark.parametrize("precision, rel_limit, size_limit", [("fp16", 0.005, 0.55), ("int8", 0.15, 0.4), ("int4", 0.35, 0.3)])
+@pytest.mark.parametrize("precision, rel_limit, size_limit", [("fp16", 0.005, 0.55), ("int8", 0.15, 0.4), ("int4", 0.6, 0.3)])
 def test_quantized_graph_keeps_its_io_and_stays_close(model, flavor, kind, precision, rel_limit, size_limit):
     fp32 = build_graph(model, kind, flavor)
     quant = quantize_graph(fp32, QuantOptions(precision, int8_preset="avx2"))
@@ -68,7 +68,9 @@ def test_quantized_graph_keeps_its_io_and_stays_close(model, flavor, kind, preci
     ref, out = ref_sess.run(None, f), q_sess.run(None, f)
     for name, r, o in zip([o.name for o in ref_sess.get_outputs()], ref, out):
         assert o.dtype == r.dtype and o.shape == r.shape, name
-        if r.dtype == np.float32 and np.any(r):  # relative L2 (random weights: a wrong axis gives ~1)
+        # relative L2 over the whole output. Random weights, 24 draws: int8 median 0.035 (max 0.06), int4
+        # median 0.20 with a tail to 0.4; a wrong axis or scale gives >= 1.
+        if r.dtype == np.float32 and np.any(r):
             rel = float(np.linalg.norm(o - r) / np.linalg.norm(r))
             assert rel <= rel_limit, (name, rel)
 
