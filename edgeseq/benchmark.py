@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseq.bundle import ONNXRUNTIME_FLAVORS, read_manifest
+from edgeseq.bundle import ort_runnable, read_manifest
 from edgeseq.errors import EdgeseqError
 
 
@@ -59,7 +59,8 @@ def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: 
 def bench_bundle(bundle: Path, steps: int, prompt_len: int, threads: int, only: list[str] | None = None) -> list[dict]:
     """One row per runtime (``only``: those named, e.g. ["onnxruntime:portable"])."""
     manifest = read_manifest(bundle)
-    runtimes = [f"onnxruntime:{f}" for f in manifest["flavors"] if f in ONNXRUNTIME_FLAVORS]
+    # the tensorrt flavor runs its plugins through Python in onnxruntime: a check, not a speed
+    runtimes = [f"onnxruntime:{f}" for f in manifest["flavors"] if ort_runnable(f) and f != "tensorrt"]
     try:
         import torch  # noqa: F401
 

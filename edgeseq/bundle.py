@@ -23,8 +23,22 @@ from edgeseq.errors import EdgeseqError
 
 SCHEMA_VERSION = 1
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with a margin
-ONNXRUNTIME_FLAVORS = ("portable", "opset27")  # what onnxruntime runs without custom ops
-NOT_RUNNABLE = "needs the TensorRT plugins and TensorRT, neither available here"
+NOT_RUNNABLE = "its plugin nodes need TensorRT, or onnxruntime-extensions to run in onnxruntime: pip install 'edgeseq[export]'"
+
+
+def ort_runnable(flavor: str) -> bool:
+    """Whether onnxruntime runs this flavor's graphs here (``tensorrt``: through ``ort_plugins``)."""
+    if flavor == "tensorrt":
+        import importlib.util
+
+        return importlib.util.find_spec("onnxruntime_extensions") is not None
+    return flavor in ("portable", "opset27")
+
+
+def ort_plugins(flavor: str) -> str | None:
+    """How onnxruntime runs a flavor's plugin nodes: the ``tensorrt`` flavor's through the
+    kernels' CPU twins (``edgeseq.runtimes.plugin_ops``); other flavors have none."""
+    return "reference" if flavor == "tensorrt" else None
 
 
 class BundleError(EdgeseqError):
@@ -137,10 +151,10 @@ def load_runners(root: str | Path, flavor: str | None = None, device: str = "aut
 
     root = Path(root)
     manifest = read_manifest(root)
-    flavor = flavor or next((f for f in manifest["flavors"] if f in ONNXRUNTIME_FLAVORS), None)
-    if flavor not in ONNXRUNTIME_FLAVORS:
+    flavor = flavor or next((f for f in manifest["flavors"] if ort_runnable(f)), None)
+    if flavor is None or not ort_runnable(flavor):
         raise BundleError(f"onnxruntime cannot run flavor {flavor!r}; the bundle carries {manifest['flavors']}")
     model, device = reference_model(root, manifest, device)
     io = GraphIO.from_dict(manifest["io"]["step"])
-    candidate = OnnxRuntimeRunner(graph_path(root, manifest, flavor, "step"), io=io)
+    candidate = OnnxRuntimeRunner(graph_path(root, manifest, flavor, "step"), io=io, plugins=ort_plugins(flavor))
     return TorchRunner(model, "step", device=device), candidate, io, manifest["precision"]

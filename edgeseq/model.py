@@ -11,6 +11,11 @@ native checkpoint keys; checkpoint families rename into them.
 Departures from upstream Mamba2 (mamba_ssm, HF): none in the math. The residual stream is
 kept in the parameters' dtype (no separate fp32 residual); the scan, norms and state run
 in fp32 (fp64 for an fp64 model).
+
+``NestedLM.use_kernels()`` routes the Mamba2 scan and step through the custom ops
+``torch.ops.edgeseq.ssd_scan`` / ``ssd_step`` (Triton on CUDA, the ``_ref`` twins
+elsewhere); a bf16/fp16 model then feeds the scan X, B and C in its own dtype, with the
+state still fp32. Off by default: validation compares against the pure reference.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.n_heads))
         self.norm = RMSNorm(d_inner, config.norm_eps)
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=m.proj_bias)
+        self.kernels = False  # NestedLM.use_kernels: the custom ops instead of the reference calls
         self._init_ssm(m.dt_min, m.dt_max)
 
     def _init_ssm(self, dt_min: float, dt_max: float) -> None:
@@ -107,12 +113,14 @@ class Mamba2Mixer(nn.Module):
         sd = state.ssm.dtype
         xBC, conv = causal_conv1d_ref(xBC.to(sd), p["conv1d.weight"][:, 0], p.get("conv1d.bias"), state.conv)
         x, B, C, dt, A = self._ssm_inputs(p, xBC, dt.to(sd), kept)
-        y, ssm = ssd_scan_ref(
-            x.reshape(b, l, kept, self.headdim),  # (b, l, h, p)
+        io = u.dtype if self.kernels and u.dtype in (torch.bfloat16, torch.float16) else sd  # the scan's X, B, C
+        scan = torch.ops.edgeseq.ssd_scan if self.kernels else ssd_scan_ref
+        y, ssm = scan(
+            x.reshape(b, l, kept, self.headdim).to(io),  # (b, l, h, p)
             dt,
             A,
-            B.reshape(b, l, self.ngroups, self.d_state),  # (b, l, g, n)
-            C.reshape(b, l, self.ngroups, self.d_state),
+            B.reshape(b, l, self.ngroups, self.d_state).to(io),  # (b, l, g, n)
+            C.reshape(b, l, self.ngroups, self.d_state).to(io),
             self.chunk_size,
             D=p["D"].to(sd),
             initial_state=state.ssm,
@@ -123,6 +131,12 @@ class Mamba2Mixer(nn.Module):
         """u (b, d) -> (b, d); one token through the recurrence."""
         p, b = self.params_at(kept), u.size(0)
         z, xBC, dt = self._project(p, u, kept)
+        if self.kernels:  # conv, dt, state update and output in one launch on CUDA
+            y, conv, ssm = torch.ops.edgeseq.ssd_step(
+                xBC, dt, state.conv, p["conv1d.weight"][:, 0], p.get("conv1d.bias"), p["dt_bias"],
+                -torch.exp(p["A_log"].to(state.ssm.dtype)), p["D"], state.ssm, self.ngroups, *self.dt_limit,
+            )  # fmt: skip
+            return self._output(p, y.reshape(b, -1), z, u.dtype), Mamba2LayerState(conv, ssm)
         sd = state.ssm.dtype
         xBC, conv = causal_conv1d_step_ref(xBC.to(sd), state.conv, p["conv1d.weight"][:, 0], p.get("conv1d.bias"))
         x, B, C, dt, A = self._ssm_inputs(p, xBC, dt.to(sd), kept)
@@ -246,6 +260,16 @@ class NestedLM(nn.Module):
         nn.init.normal_(self.embedding.weight, std=0.02)
         self._widths: dict[str, tuple[LayerWidth, ...]] = {}
 
+    def use_kernels(self, enabled: bool = True) -> NestedLM:
+        """Run the Mamba2 layers through edgeseq's custom ops (Triton kernels on CUDA tensors,
+        their pure-torch twins elsewhere) instead of the reference functions. Returns self."""
+        if enabled:
+            import edgeseq.kernels  # noqa: F401  (registers torch.ops.edgeseq.*)
+        for layer in self.layers:
+            if isinstance(layer.mixer, Mamba2Mixer):
+                layer.mixer.kernels = enabled
+        return self
+
     def widths(self, width: WidthSpec | float | str | tuple[LayerWidth, ...] | None) -> tuple[LayerWidth, ...]:
         """Per-layer sizes for a width spec (cached)."""
         if isinstance(width, tuple) and width and isinstance(width[0], LayerWidth):
@@ -286,10 +310,13 @@ class NestedLM(nn.Module):
             h = h[:, -1]
         return self._head(h), ModelState(layers, state.position + ids.size(1))
 
-    def step(self, ids: Tensor, state: ModelState, width=None) -> tuple[Tensor, ModelState]:
-        """ids (b,) or (b, 1) int -> logits (b, vocab), new state."""
+    def step(self, ids: Tensor, state: ModelState, width=None, check_context: bool = True) -> tuple[Tensor, ModelState]:
+        """ids (b,) or (b, 1) int -> logits (b, vocab), new state. ``check_context=False`` skips
+        the global-attention cache check (it reads the position on the host: a CUDA graph
+        capture cannot), for callers that count tokens themselves."""
         widths = self.widths(width)
-        self._check_context(state, 1)
+        if check_context:
+            self._check_context(state, 1)
         h = self.embedding(ids.reshape(-1))
         layers = []
         for block, layer_state, w in zip(self.layers, state.layers, widths):

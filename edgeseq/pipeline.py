@@ -25,8 +25,9 @@ import numpy as np
 
 from edgeseq.bundle import (
     NOT_RUNNABLE,
-    ONNXRUNTIME_FLAVORS,
     device_readme,
+    ort_plugins,
+    ort_runnable,
     read_manifest,
     write_graph,
     write_manifest,
@@ -155,9 +156,9 @@ def validate_flavor(bundle: Path, model, flavor: str, precision: str, steps: int
         steps, long_steps = min(steps, limit), min(long_steps, limit)
     runners = [
         TorchRunner(model, "step", device=device),
-        OnnxRuntimeRunner(bundle / paths["step"], io=step_io, intra_op_threads=threads),
+        OnnxRuntimeRunner(bundle / paths["step"], io=step_io, intra_op_threads=threads, plugins=ort_plugins(flavor)),
         TorchRunner(model, "prefill", device=device),
-        OnnxRuntimeRunner(bundle / paths["prefill"], io=prefill_io, intra_op_threads=threads),
+        OnnxRuntimeRunner(bundle / paths["prefill"], io=prefill_io, intra_op_threads=threads, plugins=ort_plugins(flavor)),
     ]
     for r in runners:
         r.activate()
@@ -293,7 +294,7 @@ def write_bundle(req: ExportRequest, model, graphs: dict, manifest: dict, progre
         if req.validate:
             device = reference_device() if req.reference_device == "auto" else req.reference_device
             for flavor in graphs:
-                if flavor not in ONNXRUNTIME_FLAVORS:
+                if not ort_runnable(flavor):
                     validation["not_run"][flavor] = NOT_RUNNABLE
                     continue
                 progress("validate", f"{flavor} at {precision} against the {device} reference")

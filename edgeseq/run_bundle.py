@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseq.bundle import ONNXRUNTIME_FLAVORS, BundleError, graph_path, read_manifest
+from edgeseq.bundle import BundleError, graph_path, ort_plugins, ort_runnable, read_manifest
 from edgeseq.data import EOS, text_to_ids
 from edgeseq.export.spec import GraphIO
 
@@ -23,13 +23,16 @@ def open_session(bundle: Path, flavor: str | None = None, threads: int | None = 
     if manifest["config"]["vocab_size"] <= EOS:
         raise BundleError(f"{bundle} holds a model of {manifest['config']['vocab_size']} tokens, not bytes; "
                           "edgeseq run streams text from byte-level models only")
-    runnable = [f for f in manifest["flavors"] if f in ONNXRUNTIME_FLAVORS]
+    runnable = [f for f in manifest["flavors"] if ort_runnable(f)]
     flavor = flavor or (runnable[0] if runnable else None)
     if flavor not in runnable:
         raise BundleError(f"onnxruntime cannot run flavor {flavor!r} here; the bundle's runnable flavors: {runnable}")
     ios = {k: GraphIO.from_dict(manifest["io"][k]) for k in ("step", "prefill")}
-    step = OnnxRuntimeRunner(graph_path(bundle, manifest, flavor, "step"), io=ios["step"], intra_op_threads=threads)
-    prefill = OnnxRuntimeRunner(graph_path(bundle, manifest, flavor, "prefill"), io=ios["prefill"], intra_op_threads=threads)
+    step, prefill = (
+        OnnxRuntimeRunner(graph_path(bundle, manifest, flavor, kind), io=ios[kind], intra_op_threads=threads,
+                          plugins=ort_plugins(flavor))
+        for kind in ("step", "prefill")
+    )  # fmt: skip
     step.activate()
     prefill.activate()
     return StreamingSession(step, prefill, ios["step"]), flavor, step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeseq.bundle import NOT_RUNNABLE, ONNXRUNTIME_FLAVORS, graph_path, read_manifest
+from edgeseq.bundle import NOT_RUNNABLE, graph_path, ort_plugins, ort_runnable, read_manifest
 from edgeseq.export.spec import GraphIO
 
 
@@ -56,8 +56,8 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
     flavors = [flavor] if flavor else manifest["flavors"]
     precision = manifest["precision"]
     outcome = {"bundle": str(bundle), "precision": precision, "flavors": {}, "not_run": {}, "passed": True}
-    runnable = [f for f in flavors if f in ONNXRUNTIME_FLAVORS]
-    outcome["not_run"] = {f: NOT_RUNNABLE for f in flavors if f not in ONNXRUNTIME_FLAVORS}
+    runnable = [f for f in flavors if ort_runnable(f)]
+    outcome["not_run"] = {f: NOT_RUNNABLE for f in flavors if not ort_runnable(f)}
     if golden:
         from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
         from edgeseq.validate import compare_golden
@@ -65,7 +65,7 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
         outcome["reference"] = f"golden file {golden}"
         io = GraphIO.from_dict(manifest["io"]["step"])
         for f in runnable:
-            with OnnxRuntimeRunner(graph_path(bundle, manifest, f, "step"), io=io) as cand:
+            with OnnxRuntimeRunner(graph_path(bundle, manifest, f, "step"), io=io, plugins=ort_plugins(f)) as cand:
                 result = compare_golden(cand, golden, tolerance=precision)
             _record(outcome, f, result, result)
             _write_outputs(result, f, report, plot, len(runnable) > 1)

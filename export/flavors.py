@@ -9,23 +9,25 @@ branches on the backend.
 - ``opset27``: the standard ``CausalConvWithState`` and ``LinearAttention``
   (update_rule "gated"): query = C, key = B, value = dt*x, decay = dt*A (log space),
   state (b, h, n, p), scale 1.
-- ``tensorrt``: the scan and the step as TensorRT plugin nodes (op type = plugin name,
-  ``plugin_namespace`` and ``plugin_version`` attributes) — the node contract below; the
-  conv stays in basic ops.
+- ``tensorrt``: TensorRT plugin nodes (op type = plugin name, ``plugin_namespace`` and
+  ``plugin_version`` attributes, as TensorRT's ONNX parser expects), each one Triton kernel
+  (contract and definitions: ``edgeseq.export.trt_plugins``): the step's conv, dt and SSM
+  as one ``EdgeseqSSDStep``; the prefill scan as ``EdgeseqSSDChunkState`` then
+  ``EdgeseqSSDChunkScan``, the prefill conv in basic ops.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgeseq.export import ssd_graph
-from edgeseq.export.builder import GraphBuilder, reshape, silu
-
-TRT_DOMAIN = "edgeseq.trt"  # custom-op domain of the plugin nodes (ORT binds it in tests)
-TRT_NAMESPACE = "edgeseq"
-TRT_VERSION = "1"
+from edgeseq.export.builder import GraphBuilder, reshape, silu, split
+from edgeseq.export.trt_plugins import DOMAIN as TRT_DOMAIN
+from edgeseq.export.trt_plugins import NAMESPACE as TRT_NAMESPACE
+from edgeseq.export.trt_plugins import VERSION as TRT_VERSION
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,44 @@ class SSMDims:
     chunk: int
 
 
+@dataclass(frozen=True)
+class MixerWeights:
+    """What the conv + SSM core of one Mamba2 layer reads besides activations and state."""
+
+    conv_weight: np.ndarray  # [k, w]
+    conv_bias: np.ndarray | None  # [k]
+    dt_bias: str  # graph value [h]
+    A: np.ndarray  # [h], negative
+    D: np.ndarray  # [h]
+    dt_limit: tuple[float, float]
+
+
 class Portable:
     name = "portable"
     opset = 18
     domains: dict[str, int] = {}
+
+    def mixer_core(self, g: GraphBuilder, d: SSMDims, w: MixerWeights, xBC, dt, past: dict[str, str], rank: int):
+        """xBC [b,(t,)k] and dt [b,(t,)h] from in_proj -> y [b,(t,)h,p], {"conv", "ssm"} present.
+
+            xBC -> causal conv + SiLU -> x | B | C;  dt -> softplus(dt + dt_bias) -> clamp
+            SSM core: x, dt, A, B, C, D, past ssm -> y
+        """
+        lead = (0,) * (rank - 1)
+        conv = self.conv_step if rank == 2 else self.conv_prefill
+        xBC, conv_state = conv(g, xBC, past["conv"], w.conv_weight, w.conv_bias)
+        di, gn = d.heads * d.headdim, d.groups * d.d_state
+        xs, Bs, Cs = split(g, xBC, [di, gn, gn])
+        dt = g.op("Softplus", g.op("Add", dt, w.dt_bias))
+        lo, hi = w.dt_limit
+        if lo > 0 or math.isfinite(hi):
+            dt = g.op("Clip", dt, g.const(lo), g.const(hi if math.isfinite(hi) else np.finfo(np.float32).max))
+        core = self.ssm_step if rank == 2 else self.ssm_prefill
+        y, ssm_state = core(
+            g, d, reshape(g, xs, *lead, d.heads, d.headdim), dt, w.A,
+            reshape(g, Bs, *lead, d.groups, d.d_state), reshape(g, Cs, *lead, d.groups, d.d_state), w.D, past["ssm"],
+        )  # fmt: skip
+        return y, {"conv": conv_state, "ssm": ssm_state}
 
     def conv_step(self, g: GraphBuilder, x, past, weight: np.ndarray, bias: np.ndarray | None):
         """x [b,c], past [b,c,k-1], weight [c,k] -> silu(conv) [b,c], present [b,c,k-1]."""
@@ -104,29 +140,37 @@ class Opset27(Portable):
 
 
 class TensorRT(Portable):
-    """Plugin nodes for the SSM core; the node contract, TensorRT-parser style.
-
-    ``EdgeseqSSDScan``  inputs  x [b,t,h,p], dt [b,t,h], A [h], B [b,t,g,n], C [b,t,g,n],
-                                D [h], state [b,h,n,p]
-                        outputs y [b,t,h,p], state [b,h,n,p]
-                        attrs   chunk_size, ngroups, plugin_namespace, plugin_version
-    ``EdgeseqSSDStep``  the same with t absent (x [b,h,p], dt [b,h], B/C [b,g,n]).
-    dt is after softplus and clamping; A is negative; all fp32, the state always fp32.
-    """
+    """Plugin nodes (``edgeseq.export.trt_plugins.PLUGINS`` is the node contract)."""
 
     name = "tensorrt"
     opset = 18
     domains = {TRT_DOMAIN: 1}
 
-    def _plugin(self, g: GraphBuilder, op: str, d: SSMDims, x, dt, A, B, C, D, past):
-        return g.op(op, x, dt, g.const(A), B, C, g.const(D), past, outputs=2, domain=TRT_DOMAIN,
-                    chunk_size=d.chunk, ngroups=d.groups, plugin_namespace=TRT_NAMESPACE, plugin_version=TRT_VERSION)
+    def _plugin(self, g: GraphBuilder, op: str, d: SSMDims, *inputs: str, outputs: int, **attrs):
+        sizes = dict(heads=d.heads, ngroups=d.groups, headdim=d.headdim, d_state=d.d_state)
+        return g.op(op, *inputs, outputs=outputs, domain=TRT_DOMAIN, plugin_namespace=TRT_NAMESPACE,
+                    plugin_version=TRT_VERSION, **sizes, **attrs)  # fmt: skip
 
-    def ssm_step(self, g: GraphBuilder, d: SSMDims, x, dt, A, B, C, D, past):
-        return self._plugin(g, "EdgeseqSSDStep", d, x, dt, A, B, C, D, past)
+    def mixer_core(self, g: GraphBuilder, d: SSMDims, w: MixerWeights, xBC, dt, past: dict[str, str], rank: int):
+        """The step: conv, dt, state update and output in one EdgeseqSSDStep node."""
+        if rank != 2:
+            return super().mixer_core(g, d, w, xBC, dt, past, rank)
+        bias = w.conv_bias if w.conv_bias is not None else np.zeros(w.conv_weight.shape[0], np.float32)
+        lo, hi = w.dt_limit
+        y, conv_state, ssm_state = self._plugin(
+            g, "EdgeseqSSDStep", d, xBC, dt, past["conv"], g.const(w.conv_weight), g.const(bias), w.dt_bias,
+            g.const(w.A), g.const(w.D), past["ssm"], outputs=3,
+            d_conv=int(w.conv_weight.shape[1]), dt_min=float(lo), dt_max=float(hi),
+        )  # fmt: skip
+        return y, {"conv": conv_state, "ssm": ssm_state}
 
     def ssm_prefill(self, g: GraphBuilder, d: SSMDims, x, dt, A, B, C, D, past):
-        return self._plugin(g, "EdgeseqSSDScan", d, x, dt, A, B, C, D, past)
+        """EdgeseqSSDChunkState (a_cum, states entering chunks, final) -> EdgeseqSSDChunkScan (y)."""
+        a_cum, states, final = self._plugin(g, "EdgeseqSSDChunkState", d, x, dt, g.const(A), B, past, outputs=3,
+                                            chunk_size=d.chunk)  # fmt: skip
+        y = self._plugin(g, "EdgeseqSSDChunkScan", d, x, dt, B, C, states, a_cum, g.const(D), outputs=1,
+                         chunk_size=d.chunk)  # fmt: skip
+        return y, final
 
 
 FLAVORS = {f.name: f for f in (Portable(), Opset27(), TensorRT())}

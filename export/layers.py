@@ -7,13 +7,11 @@ the step graph ([b, d] hidden states) and 3 for prefill ([b, t, d]).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from edgeseq.config import ModelConfig
 from edgeseq.export.builder import GraphBuilder, linear, rmsnorm, silu, split
-from edgeseq.export.flavors import SSMDims
+from edgeseq.export.flavors import MixerWeights, SSMDims
 
 
 def lead(rank: int) -> tuple[int, ...]:
@@ -48,9 +46,7 @@ def mamba2(g, flavor, config: ModelConfig, i: int, w, x: str, past: dict[str, st
     """x [b,(t,)d] normed -> out [b,(t,)d], {"conv": present, "ssm": present}.
 
         x -> in_proj -> z | xBC | dt
-                        xBC -> causal conv + SiLU (flavor) -> x | B | C
-                        dt -> softplus(dt + dt_bias) -> clamp
-             SSM core (flavor): x, dt, A = -exp(A_log), B, C, D, past ssm -> y
+                        xBC, dt -> conv + SSM core (flavor) -> y
         y, z -> gated RMSNorm -> out_proj
     """
     m, p = config.mamba, f"layers.{i}.mixer."
@@ -58,33 +54,19 @@ def mamba2(g, flavor, config: ModelConfig, i: int, w, x: str, past: dict[str, st
     di, gn = H * P, G * N
     zxbcdt = linear(g, x, mat(g, w, p, "in_proj"), bias(g, w, p, "in_proj"))
     z, xBC, dt = split(g, zxbcdt, [di, di + 2 * gn, H])
-    conv_w = w["conv1d.weight"][:, 0, :]
-    conv_b = w.get("conv1d.bias")
-    conv = flavor.conv_step if rank == 2 else flavor.conv_prefill
-    xBC, conv_state = conv(g, xBC, past["conv"], conv_w, conv_b)
-    xs, Bs, Cs = split(g, xBC, [di, gn, gn])
-    dt = g.op("Softplus", g.op("Add", dt, vec(g, w, p, "dt_bias")))
-    lo, hi = m.dt_limit
-    if lo > 0 or math.isfinite(hi):
-        dt = g.op("Clip", dt, g.const(lo), g.const(hi if math.isfinite(hi) else np.finfo(np.float32).max))
-    A = -np.exp(w["A_log"].astype(np.float64)).astype(np.float32)
-    dims = SSMDims(H, G, P, N, m.chunk_size)
-    core = flavor.ssm_step if rank == 2 else flavor.ssm_prefill
-    y, ssm_state = core(
-        g,
-        dims,
-        g.op("Reshape", xs, g.ints(*lead(rank), H, P)),
-        dt,
-        A,
-        g.op("Reshape", Bs, g.ints(*lead(rank), G, N)),
-        g.op("Reshape", Cs, g.ints(*lead(rank), G, N)),
-        w["D"],
-        past["ssm"],
+    weights = MixerWeights(
+        conv_weight=w["conv1d.weight"][:, 0, :],
+        conv_bias=w.get("conv1d.bias"),
+        dt_bias=vec(g, w, p, "dt_bias"),
+        A=-np.exp(w["A_log"].astype(np.float64)).astype(np.float32),
+        D=w["D"],
+        dt_limit=m.dt_limit,
     )
+    y, present = flavor.mixer_core(g, SSMDims(H, G, P, N, m.chunk_size), weights, xBC, dt, past, rank)
     y = gated_norm(g, g.op("Reshape", y, g.ints(*lead(rank), di)), z, vec(g, w, p, "norm.weight"), G, di,
                    config.norm_eps, rank)
     out = linear(g, y, mat(g, w, p, "out_proj"), bias(g, w, p, "out_proj"))
-    return out, {"conv": conv_state, "ssm": ssm_state}
+    return out, present
 
 
 def gated_mlp(g: GraphBuilder, w, i: int, x: str) -> str:

@@ -49,7 +49,7 @@ INT8_PRESETS = {
 # and the recurrence ops of the opset-27 and TensorRT flavors.
 FP32_OPS = (
     "ReduceMean", "ReduceSum", "Sqrt", "Div", "Pow", "Exp", "Softplus", "Softmax", "CumSum",
-    "LinearAttention", "CausalConvWithState", "EdgeseqSSDScan", "EdgeseqSSDStep",
+    "LinearAttention", "CausalConvWithState", "EdgeseqSSDChunkState", "EdgeseqSSDChunkScan", "EdgeseqSSDStep",
 )  # fmt: skip
 
 

@@ -18,6 +18,8 @@ are in the inputs' dtype (bf16/fp16 products accumulate in fp32; fp32 ones use 3
 masked (step 0's dt = 0 padding), so nothing is copied or padded on the host.
 """
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -39,6 +41,43 @@ def ssd_scan_ref(X, dt, A, B, C, chunk_size: int, D=None, initial_state=None) ->
     return Y.to(X.dtype).contiguous(), final.contiguous()
 
 
+def ssd_chunk_state_ref(X, dt, A, B, chunk_size: int, initial_state) -> tuple[Tensor, Tensor, Tensor]:
+    """The twin of the first launch (and the first plugin node): steps 3 and 4.
+
+    Returns a_cum (b, h, c*q) (log-decay from each chunk's start, constant over the padding),
+    the states entering the chunks (b, c, h, n, p) and the final state (b, h, n, p), in fp32.
+    """
+    b, l, h, p = X.shape
+    state, a_cum, entering = initial_state.float(), [], []
+    for start in range(0, l, chunk_size):  # chunk by chunk through the reference scan: slow, plain
+        piece = slice(start, start + chunk_size)
+        entering.append(state)
+        a = dt[:, piece].float() * A.float()  # (b, q, h)
+        a = torch.cat([a, a.new_zeros(b, chunk_size - a.size(1), h)], 1)  # padding: dt = 0
+        a_cum.append(a.cumsum(1).transpose(1, 2))  # (b, h, q)
+        _, state = ssd_scan_ref(X[:, piece], dt[:, piece], A, B[:, piece], B[:, piece], chunk_size, None, state)
+    return torch.cat(a_cum, -1).contiguous(), torch.stack(entering, 1).contiguous(), state
+
+
+def ssd_chunk_scan_ref(X, dt, B, C, states, a_cum, D, chunk_size: int) -> Tensor:
+    """The twin of the second launch (and plugin node): steps 2, 5 and 6 from the entering
+    states and a_cum of ``ssd_chunk_state_ref``. Returns Y (b, l, h, p) in fp32."""
+    b, l, h, p = X.shape
+    g, q = B.size(2), chunk_size
+    Y = []
+    for c, start in enumerate(range(0, l, q)):
+        piece = slice(start, start + q)
+        x, d = X[:, piece].float(), dt[:, piece].float()  # (b, s, h, p), (b, s, h)
+        Bh, Ch = (M[:, piece].float().repeat_interleave(h // g, dim=2) for M in (B, C))  # (b, s, h, n)
+        a = a_cum[:, :, c * q : c * q + x.size(1)]  # (b, h, s)
+        L = torch.exp(a[..., :, None] - a[..., None, :]).tril()  # (b, h, i, j): decay from j to i
+        CB = torch.einsum("bihn,bjhn->bhij", Ch, Bh)
+        y = torch.einsum("bhij,bjh,bjhp->bihp", CB * L, d, x)  # inside the chunk
+        y = y + torch.einsum("bihn,bhnp->bihp", Ch, states[:, c].float()) * a.exp().transpose(1, 2)[..., None]
+        Y.append(y + x * D.float()[:, None])
+    return torch.cat(Y, 1) if Y else X.new_zeros(b, 0, h, p, dtype=torch.float32)
+
+
 # The tuning space, small to keep the first call's autotuning short: (tile, num_warps, num_stages).
 # Smallest first (the fallback). Large tiles get 8 warps: at 4 they spill (ptxas -v, sm_90).
 _STATE_NAMES, _STATE_TILES = ("BLOCK_N", "BLOCK_P", "BLOCK_K"), [
@@ -48,6 +87,10 @@ _STATE_NAMES, _STATE_TILES = ("BLOCK_N", "BLOCK_P", "BLOCK_K"), [
 _SCAN_NAMES, _SCAN_TILES = ("BLOCK_M", "BLOCK_K", "BLOCK_P"), [
     ((64, 32, 32), 4, 3), ((64, 32, 64), 4, 2), ((64, 64, 32), 4, 2),
     ((64, 64, 64), 8, 2), ((128, 32, 64), 8, 3), ((128, 64, 64), 8, 2),
+]  # fmt: skip
+_FUSED_TILES = [
+    ((32, 32, 64), 4, 3), ((32, 64, 64), 4, 3), ((64, 32, 64), 4, 3),
+    ((64, 64, 32), 4, 4), ((64, 64, 64), 4, 3), ((128, 64, 64), 8, 2),
 ]  # fmt: skip
 _KEY = ["chunk_size", "headdim", "dstate"]
 
@@ -164,6 +207,69 @@ def _state_passing_kernel(
     tl.store(FINAL + pid_bh * dstate * headdim + offs, state, mask=mask)
 
 
+@triton.autotune(
+    _configs(_STATE_NAMES, _FUSED_TILES), key=[*_KEY, "nheads"], prune_configs_by={"early_config_prune": _prune}
+)
+@triton.jit
+def _state_scan_kernel(
+    X, DT, A, B, INIT, ACUM, S, FINAL,
+    seqlen, chunk_size, nheads, heads_per_group, headdim, dstate,
+    sx_b, sx_l, sx_h, sx_p, sdt_b, sdt_l, sdt_h, sb_b, sb_l, sb_g, sb_n, si_b, si_h, si_n, si_p,
+    HAS_INIT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """grid (n-blocks * p-blocks, b*h). Steps 3 and 4 in one pass over the sequence, BLOCK_K
+    steps at a time: state <- exp(a over the block) * state + B^T (decay_to_block_end * dt * X).
+    At each chunk's start the state is stored to S (the state entering the chunk, in S's dtype)
+    and a_cum restarts; the last state is the final one (fp32)."""
+    pid_np, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = pid_bh // nheads, pid_bh % nheads
+    offs_n = (pid_np // tl.cdiv(headdim, BLOCK_P)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = (pid_np % tl.cdiv(headdim, BLOCK_P)) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_np = (offs_n[:, None] < dstate) & (offs_p[None, :] < headdim)
+    X += b * sx_b + h * sx_h
+    DT += b * sdt_b + h * sdt_h
+    B += b * sb_b + (h // heads_per_group) * sb_g
+    A_h = tl.load(A + h).to(tl.float32)
+    if HAS_INIT:
+        init = INIT + b * si_b + h * si_h + offs_n[:, None] * si_n + offs_p[None, :] * si_p
+        state = tl.load(init, mask=mask_np, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+    nchunks = tl.cdiv(seqlen, chunk_size)
+    blocks_per_chunk = tl.cdiv(chunk_size, BLOCK_K)
+    tile = offs_n[:, None] * headdim + offs_p[None, :]
+    chunk_stride = nheads * dstate * headdim
+    S += (b * nchunks * nheads + h) * dstate * headdim
+    a_run = A_h * 0.0  # log-decay from the chunk's start to the block's start
+    for i in range(nchunks * blocks_per_chunk):  # one flat loop: the pipeliner prefetches across chunks
+        c, k0 = (i // blocks_per_chunk).to(tl.int64), (i % blocks_per_chunk) * BLOCK_K
+        first = k0 == 0
+        tl.store(S + c * chunk_stride + tile, state.to(S.dtype.element_ty), mask=mask_np & first)
+        a_run = tl.where(first, 0.0, a_run)
+        start = c * chunk_size
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        valid_k = (offs_k < chunk_size) & (start + offs_k < seqlen)
+        dt_k = tl.load(DT + (start + offs_k) * sdt_l, mask=valid_k, other=0.0).to(tl.float32)
+        a_k = a_run + tl.cumsum(dt_k * A_h, axis=0)
+        a_next = a_run + tl.sum(dt_k * A_h)
+        tl.store(ACUM + (pid_bh * nchunks + c) * chunk_size + offs_k, a_k, mask=(offs_k < chunk_size) & (pid_np == 0))
+        x = tl.load(
+            X + (start + offs_k)[:, None] * sx_l + offs_p[None, :] * sx_p,
+            mask=valid_k[:, None] & (offs_p[None, :] < headdim),
+            other=0.0,
+        )
+        Bt = tl.load(  # (BLOCK_N, BLOCK_K): B transposed through its strides
+            B + offs_n[:, None] * sb_n + (start + offs_k)[None, :] * sb_l,
+            mask=(offs_n[:, None] < dstate) & valid_k[None, :],
+            other=0.0,
+        )
+        w = tl.exp(a_next - a_k) * dt_k
+        state = _dot(Bt, (x.to(tl.float32) * w[:, None]).to(Bt.dtype), state * tl.exp(a_next - a_run), DOT, UPCAST)
+        a_run = a_next
+    tl.store(FINAL + pid_bh * dstate * headdim + tile, state, mask=mask_np)
+
+
 @triton.autotune(_configs(_SCAN_NAMES, _SCAN_TILES), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _chunk_scan_kernel(
@@ -233,6 +339,48 @@ def _chunk_scan_kernel(
     tl.store(Y + (start + offs_m)[:, None] * sy_l + offs_p[None, :] * sy_p, acc, mask=mask_mp)
 
 
+# ---- entry points for TensorRT plugins (edgeseq.kernels.aot compiles them to PTX) ----------
+# TensorRT launches an AOT plugin kernel with (input pointers, int32 scalars, output pointers);
+# tensors are contiguous, the model's sizes are constexprs baked into the PTX, and the only
+# scalar is the sequence length. They run the same kernel bodies as the launchers above.
+_state_scan_body = getattr(_state_scan_kernel, "fn", _state_scan_kernel)  # the jit function under the autotuner
+_chunk_scan_body = getattr(_chunk_scan_kernel, "fn", _chunk_scan_kernel)
+
+
+@triton.jit
+def ssd_chunk_state_entry(
+    X, DT, A, B, INIT, seqlen, ACUM, S, FINAL,
+    CHUNK: tl.constexpr, NHEADS: tl.constexpr, NGROUPS: tl.constexpr, HEADDIM: tl.constexpr,
+    DSTATE: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """X (b, l, h, p), DT (b, l, h), A (h,), B (b, l, g, n), INIT (b, h, n, p) -> ACUM (b, h, c*q),
+    S (b, c, h, n, p) the states entering chunks, FINAL (b, h, n, p). grid (n*p tiles, b*h)."""
+    H, P, N, G = NHEADS, HEADDIM, DSTATE, NGROUPS
+    _state_scan_body(
+        X, DT, A, B, INIT, ACUM, S, FINAL, seqlen, CHUNK, H, H // G, P, N,
+        seqlen * H * P, H * P, P, 1, seqlen * H, H, 1, seqlen * G * N, G * N, N, 1, H * N * P, N * P, P, 1,
+        HAS_INIT=True, DOT=DOT, UPCAST=False, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+
+
+@triton.jit
+def ssd_chunk_scan_entry(
+    X, DT, B, C, S, ACUM, D, seqlen, Y,
+    CHUNK: tl.constexpr, NHEADS: tl.constexpr, NGROUPS: tl.constexpr, HEADDIM: tl.constexpr,
+    DSTATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """X, DT, B, C as above, S and ACUM from ssd_chunk_state_entry, D (h,) -> Y (b, l, h, p).
+    grid (m*p tiles, b*h, c); BLOCK_N covers n."""
+    H, P, N, G = NHEADS, HEADDIM, DSTATE, NGROUPS
+    _chunk_scan_body(
+        X, DT, B, C, S, ACUM, D, Y, seqlen, CHUNK, H, H // G, P, N,
+        seqlen * H * P, H * P, P, 1, seqlen * H, H, 1, seqlen * G * N, G * N, N, 1, seqlen * G * N, G * N, N, 1,
+        seqlen * H * P, H * P, P, 1,
+        HAS_D=True, DOT=DOT, UPCAST=False, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P,
+    )  # fmt: skip
+
+
 def ssd_scan(X, dt, A, B, C, chunk_size: int, D=None, initial_state=None) -> tuple[Tensor, Tensor]:
     """Chunked SSD scan in Triton; three launches, no host loop over chunks or heads.
 
@@ -252,23 +400,35 @@ def ssd_scan(X, dt, A, B, C, chunk_size: int, D=None, initial_state=None) -> tup
         return Y, final.copy_(initial_state) if initial_state is not None else final.zero_()
     c = triton.cdiv(l, chunk_size)
     a_cum = torch.empty(b, h, c * chunk_size, dtype=torch.float32, device=X.device)
-    states = torch.empty(b, c, h, n, p, dtype=torch.float32, device=X.device)
     dims = (l, chunk_size, h, h // g, p, n)  # seqlen, chunk_size, nheads, heads_per_group, headdim, dstate
     strides = (*X.stride(), *dt.stride(), *B.stride())
     dot = FP32_DOT if X.dtype == torch.float32 else "tf32"  # moot for half operands
     upcast = interpreting() and X.dtype == torch.bfloat16
-
-    def state_grid(meta):
-        return triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(p, meta["BLOCK_P"]), b * h, c
-
-    _chunk_state_kernel[state_grid](
-        X, dt, A, B, a_cum, states, *dims, *strides, DOT=dot, UPCAST=upcast, BLOCK_Q=next_pow2(chunk_size)
-    )
     init = initial_state if initial_state is not None else final  # a placeholder pointer when absent
-    _state_passing_kernel[(triton.cdiv(n * p, 256), b * h)](
-        states, a_cum, init, final, chunk_size, c, h, p, n, *init.stride(),
-        HAS_INIT=initial_state is not None, BLOCK=256,
-    )  # fmt: skip
+    if os.environ.get("EDGESEQ_SCAN_STATE", "fused") == "fused":
+        # the states entering chunks feed C's products only: X's dtype, as the dot would round them
+        states = torch.empty(b, c, h, n, p, dtype=X.dtype, device=X.device)
+
+        def fused_grid(meta):
+            return triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(p, meta["BLOCK_P"]), b * h
+
+        _state_scan_kernel[fused_grid](
+            X, dt, A, B, init, a_cum, states, final, *dims, *strides, *init.stride(),
+            HAS_INIT=initial_state is not None, DOT=dot, UPCAST=upcast,
+        )  # fmt: skip
+    else:
+        states = torch.empty(b, c, h, n, p, dtype=torch.float32, device=X.device)
+
+        def state_grid(meta):
+            return triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(p, meta["BLOCK_P"]), b * h, c
+
+        _chunk_state_kernel[state_grid](
+            X, dt, A, B, a_cum, states, *dims, *strides, DOT=dot, UPCAST=upcast, BLOCK_Q=next_pow2(chunk_size)
+        )
+        _state_passing_kernel[(triton.cdiv(n * p, 256), b * h)](
+            states, a_cum, init, final, chunk_size, c, h, p, n, *init.stride(),
+            HAS_INIT=initial_state is not None, BLOCK=256,
+        )  # fmt: skip
 
     def scan_grid(meta):
         return triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), b * h, c

@@ -105,6 +105,24 @@ def _ssd_step_kernel(
     tl.store(Y + bh * headdim + offs_p, y, mask=mask_p)
 
 
+@triton.jit
+def ssd_step_entry(
+    XBC, DT, CONV, W, BIAS, DT_BIAS, A, D, SSM, Y, CONV_OUT, SSM_OUT,
+    NHEADS: tl.constexpr, NGROUPS: tl.constexpr, HEADDIM: tl.constexpr, DSTATE: tl.constexpr, K: tl.constexpr,
+    DT_MIN: tl.constexpr, DT_MAX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The TensorRT plugin's entry (edgeseq.kernels.aot compiles it to PTX): contiguous tensors,
+    inputs then outputs, no scalar arguments, the model's sizes baked in. Shapes as ``ssd_step``,
+    with conv_bias and D present; grid (cdiv(p, BLOCK_P), h, b)."""
+    H, P, N, G = NHEADS, HEADDIM, DSTATE, NGROUPS
+    conv_dim = H * P + 2 * G * N
+    _ssd_step_kernel(
+        XBC, DT, CONV, W, BIAS, DT_BIAS, A, D, SSM, Y, CONV_OUT, SSM_OUT, H // G, P, N, G, conv_dim, DT_MIN, DT_MAX,
+        conv_dim, 1, H, 1, conv_dim * (K - 1), K - 1, 1, K, 1, H * N * P, N * P, P, 1,
+        K=K, HAS_BIAS=True, HAS_D=True, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+
+
 def ssd_step(xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A, D, ssm_state, ngroups: int,
              dt_min: float = 0.0, dt_max: float = float("inf")) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """One token through the conv and the SSM recurrence, in one launch.

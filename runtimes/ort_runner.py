@@ -39,14 +39,18 @@ class OnnxRuntimeRunner(Runner):
         intra_op_threads: int | None = None,
         io: GraphIO | None = None,
         name: str | None = None,
+        plugins: str | None = None,
     ):
         """``io`` declares the graph's I/O (from ``graph_io``); without it the runner reads
-        the I/O from the session on activate."""
+        the I/O from the session on activate. ``plugins`` runs the ``tensorrt`` flavor's
+        plugin nodes as custom ops: "reference" (CPU) or "kernels" (their PTX on the GPU);
+        see ``edgeseq.runtimes.plugin_ops``."""
         source = path_or_bytes if isinstance(path_or_bytes, bytes) else os.fspath(path_or_bytes)
         super().__init__(name or ("onnxruntime" if isinstance(source, bytes) else f"onnxruntime:{os.path.basename(source)}"))
         self.source = source
         self.providers_requested = list(providers) if providers else ["CPUExecutionProvider"]
         self.intra_op_threads = intra_op_threads
+        self.plugins = plugins
         self._declared_io = io
         self._session_io: GraphIO | None = None
         self._session = None
@@ -67,6 +71,11 @@ class OnnxRuntimeRunner(Runner):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = self.intra_op_threads
+        if self.plugins:
+            from edgeseq.runtimes import plugin_ops
+
+            plugin_ops.bind(self.plugins)
+            options.register_custom_ops_library(plugin_ops.library_path())
         self._session = ort.InferenceSession(self.source, sess_options=options, providers=self.providers_requested)
         self.providers_used = list(self._session.get_providers())
         asked = [p if isinstance(p, str) else p[0] for p in self.providers_requested]
@@ -82,7 +91,17 @@ class OnnxRuntimeRunner(Runner):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [t.name for t in self.io.outputs]
-        return dict(zip(names, self._session.run(names, feeds)))
+        if not self.plugins:
+            return dict(zip(names, self._session.run(names, feeds)))
+        from edgeseq.runtimes import plugin_ops
+
+        try:
+            outputs = self._session.run(names, feeds)
+        except Exception:
+            plugin_ops.raise_pending()  # the op's own error, if one failed, explains the run's
+            raise
+        plugin_ops.raise_pending()
+        return dict(zip(names, outputs))
 
 
 def _session_io(session) -> GraphIO:

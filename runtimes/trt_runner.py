@@ -5,7 +5,8 @@ buffers) and raises RuntimeUnavailableError where either, or a CUDA device, is m
 
 Dynamic axes get one optimization profile: axis 0 of every input (batch) spans
 [1, max_batch], any other dynamic axis (sequence) spans [1, max_sequence]. A graph of the
-``tensorrt`` export flavor may need its plugin libraries: pass them as plugin_libraries.
+``tensorrt`` export flavor needs edgeseq's plugins registered to build (``edgeseq_plugins_cc``);
+other plugin libraries can be loaded with ``plugin_libraries``.
 """
 
 from __future__ import annotations
@@ -32,17 +33,21 @@ class TensorRTRunner(Runner):
         opt_sequence: int | None = None,
         workspace_bytes: int | None = None,
         plugin_libraries: Sequence[str] = (),
+        edgeseq_plugins_cc: int | None = None,
         io: GraphIO | None = None,
         name: str | None = None,
     ):
         """``source``: an ``.onnx`` path (built on activate), or a serialized engine as a
-        path (any other suffix) or bytes."""
+        path (any other suffix) or bytes. ``edgeseq_plugins_cc``: register edgeseq's AOT
+        plugins (``edgeseq.export.trt_plugins``) for that compute capability before parsing,
+        for graphs of the ``tensorrt`` flavor; the engine then needs no Python to run."""
         source = source if isinstance(source, bytes) else os.fspath(source)
         super().__init__(name or ("tensorrt" if isinstance(source, bytes) else f"tensorrt:{os.path.basename(source)}"))
         self.source, self.fp16 = source, fp16
         self.max_batch, self.max_sequence = max_batch, max_sequence
         self.opt_sequence = opt_sequence or max(1, max_sequence // 2)
         self.workspace_bytes, self.plugin_libraries = workspace_bytes, tuple(plugin_libraries)
+        self.edgeseq_plugins_cc = edgeseq_plugins_cc
         self._declared_io, self._engine_io = io, None
         self._engine = self._context = self._stream = self._serialized = None
 
@@ -63,7 +68,7 @@ class TensorRTRunner(Runner):
     # -- life cycle -------------------------------------------------------------------
 
     def _activate(self) -> None:
-        trt, torch = _import_backend()
+        trt, torch = import_backend()
         logger = trt.Logger(trt.Logger.WARNING)
         for lib in self.plugin_libraries:
             ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
@@ -86,7 +91,13 @@ class TensorRTRunner(Runner):
 
     def _build(self, trt, logger) -> bytes:
         builder = trt.Builder(logger)
-        network = builder.create_network(0)
+        flags = 0
+        if self.edgeseq_plugins_cc is not None:
+            from edgeseq.export.trt_plugins import register
+
+            register(self.edgeseq_plugins_cc)
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
+        network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(self.source):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -140,7 +151,7 @@ class TensorRTRunner(Runner):
         return {spec.name: outputs[spec.name].cpu().numpy() for spec in self.io.outputs}
 
 
-def _import_backend():
+def import_backend():
     try:
         import tensorrt as trt
     except ImportError:

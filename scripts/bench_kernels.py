@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 SCAN_CASES = [(1, 4096, 24, 64, 128, 1), (1, 32768, 24, 64, 128, 1), (4, 8192, 80, 64, 128, 1)]  # b, l, h, p, n, g
 STEP_CASES = [(1, 24, 64, 128, 1), (64, 24, 64, 128, 1)]  # b, h, p, n, g
@@ -32,14 +32,40 @@ CHUNK, K = 256, 4
 
 def load_peer(root: Path):
     """mamba_ssm.ops.triton.* from an unpacked sdist, skipping the package __init__ files."""
-    for name, rel in (("mamba_ssm", ""), ("mamba_ssm.ops", "ops"), ("mamba_ssm.ops.triton", "ops/triton"),
-                      ("mamba_ssm.utils", "utils")):
+    for name, rel in (
+        ("mamba_ssm", ""),
+        ("mamba_ssm.ops", "ops"),
+        ("mamba_ssm.ops.triton", "ops/triton"),
+        ("mamba_ssm.utils", "utils"),
+    ):
         mod = types.ModuleType(name)
         mod.__path__ = [str(root / "mamba_ssm" / rel)]
         sys.modules[name] = mod
     combined = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
     update = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
     return combined.mamba_chunk_scan_combined, update.selective_state_update
+
+
+def timed(fn) -> dict[str, float]:
+    """Median µs of do_bench (launches from Python, L2 flushed between runs; what a caller
+    sees) and of do_bench_cudagraph (the same work replayed from a CUDA graph: GPU time)."""
+    return {
+        "us": do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3,
+        "graph_us": do_bench_cudagraph(fn, rep=200, return_mode="median") * 1e3,
+    }
+
+
+def kernel_split(fn, steps: int = 20) -> dict[str, float]:
+    """GPU µs per call of each kernel fn launches (torch.profiler), to see where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: e.device_time_total / steps for e in prof.key_averages() if e.device_time_total > 0}
 
 
 def copy_bandwidth() -> float:
@@ -50,7 +76,7 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (ms * 1e-3)
 
 
-def scan_row(case, peer_scan, bw):
+def scan_row(case, peer_scan, bw, split=False):
     from edgeseq.kernels.ssd_scan import ssd_scan
 
     b, l, h, p, n, g = case
@@ -61,17 +87,31 @@ def scan_row(case, peer_scan, bw):
     B, C = (torch.randn(b, l, g, n, device=dev, dtype=bf) for _ in range(2))
     D = torch.randn(h, device=dev)
     s0 = torch.randn(b, h, n, p, device=dev) * 0.1
-    ours = do_bench(lambda: ssd_scan(X, dt, A, B, C, CHUNK, D=D, initial_state=s0), warmup=25, rep=200)
-    peer = do_bench(lambda: peer_scan(X, dt, A, B, C, CHUNK, D=D, initial_states=s0.transpose(-1, -2).contiguous(),
-                                      return_final_states=True), warmup=25, rep=200)
-    y, fin = ssd_scan(X, dt, A, B, C, CHUNK, D=D, initial_state=s0)
-    y_p, fin_p = peer_scan(X, dt, A, B, C, CHUNK, D=D, initial_states=s0.transpose(-1, -2).contiguous(),
-                           return_final_states=True)
+    s0_peer = s0.transpose(-1, -2).contiguous()  # the peer keeps (b, h, p, n): laid out once, outside the timing
+
+    def ours():
+        return ssd_scan(X, dt, A, B, C, CHUNK, D=D, initial_state=s0)
+
+    def peer():
+        return peer_scan(X, dt, A, B, C, CHUNK, D=D, initial_states=s0_peer, return_final_states=True)
+
+    def peer_plain():  # no initial state in, no final state out
+        return peer_scan(X, dt, A, B, C, CHUNK, D=D)
+
+    row = {"row": f"scan b={b} l={l} h={h} p={p} n={n} g={g}"}
+    row |= {f"edgeseq_{k}": v for k, v in timed(ours).items()}
+    row |= {f"peer_{k}": v for k, v in timed(peer).items()}
+    row |= {f"peer_plain_{k}": v for k, v in timed(peer_plain).items()}
+    (y, fin), (y_p, fin_p) = ours(), peer()
     moved = 2 * X.numel() * 2 + dt.numel() * 4 + 2 * B.numel() * 2 + 2 * s0.numel() * 4  # X in, Y out, dt, B, C, states
-    return {
-        "row": f"scan b={b} l={l} h={h} p={p} n={n} g={g}", "edgeseq_us": ours * 1e3, "peer_us": peer * 1e3,
-        "floor_us": moved / bw * 1e6, "max_rel_diff_y": rel(y, y_p), "max_rel_diff_state": rel(fin, fin_p.transpose(-1, -2)),
-    }  # fmt: skip
+    row |= {
+        "floor_us": moved / bw * 1e6,
+        "max_rel_diff_y": rel(y, y_p),
+        "max_rel_diff_state": rel(fin, fin_p.transpose(-1, -2)),
+    }
+    if split:
+        row["kernels_edgeseq"], row["kernels_peer"] = kernel_split(ours), kernel_split(peer)
+    return row
 
 
 def step_row(case, peer_step, bw):
@@ -87,22 +127,49 @@ def step_row(case, peer_step, bw):
     cb, dt_bias = torch.randn(conv_dim, device=dev), torch.randn(h, device=dev) - 3
     A, D = -torch.rand(h, device=dev) * 4 - 0.5, torch.randn(h, device=dev)
     state = torch.randn(b, h, n, p, device=dev) * 0.1
-    ours = do_bench(lambda: ssd_step(xBC, dt, conv_state, w, cb, dt_bias, A, D, state, g), warmup=25, rep=200)
     state_p = state.transpose(-1, -2).contiguous()  # the peer keeps (b, h, p, n)
     A_p = A[:, None, None].expand(h, p, n)
     dt_p, dtb_p, D_p = dt[:, :, None].expand(b, h, p), dt_bias[:, None].expand(h, p), D[:, None].expand(h, p)
+
+    def ours():
+        return ssd_step(xBC, dt, conv_state, w, cb, dt_bias, A, D, state, g)
 
     def peer():
         window = torch.cat([conv_state, xBC[..., None]], -1)
         u = F.silu((window * w.to(window.dtype)).sum(-1) + cb)
         x, Bc, Cc = u.split([h * p, g * n, g * n], -1)
-        return peer_step(state_p, x.view(b, h, p), dt_p, A_p, Bc.view(b, g, n), Cc.view(b, g, n), D=D_p,
-                         dt_bias=dtb_p, dt_softplus=True)
+        return peer_step(
+            state_p,
+            x.view(b, h, p),
+            dt_p,
+            A_p,
+            Bc.view(b, g, n),
+            Cc.view(b, g, n),
+            D=D_p,
+            dt_bias=dtb_p,
+            dt_softplus=True,
+        )
 
-    peer_ms = do_bench(peer, warmup=25, rep=200)
+    def peer_ssm_only():  # selective_state_update alone, the conv left out
+        x, Bc, Cc = xBC.split([h * p, g * n, g * n], -1)
+        return peer_step(
+            state_p,
+            x.view(b, h, p),
+            dt_p,
+            A_p,
+            Bc.view(b, g, n),
+            Cc.view(b, g, n),
+            D=D_p,
+            dt_bias=dtb_p,
+            dt_softplus=True,
+        )
+
+    row = {"row": f"step b={b} h={h} p={p} n={n}"}
+    row |= {f"edgeseq_{k}": v for k, v in timed(ours).items()}
+    row |= {f"peer_{k}": v for k, v in timed(peer).items()}
+    row |= {f"peer_ssm_only_{k}": v for k, v in timed(peer_ssm_only).items()}
     moved = 2 * state.numel() * 4 + xBC.numel() * 2 + 2 * conv_state.numel() * 2 + w.numel() * 4 + b * h * p * 4
-    return {"row": f"step b={b} h={h} p={p} n={n}", "edgeseq_us": ours * 1e3, "peer_us": peer_ms * 1e3,
-            "floor_us": moved / bw * 1e6}
+    return row | {"floor_us": moved / bw * 1e6}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,19 +180,37 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", required=True, type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--split", action="store_true", help="also profile each kernel's GPU time")
     args = ap.parse_args()
     peer_scan, peer_step = load_peer(args.peer)
     bw = copy_bandwidth()
-    rows = [scan_row(c, peer_scan, bw) for c in SCAN_CASES] + [step_row(c, peer_step, bw) for c in STEP_CASES]
-    print(f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s, median of do_bench")
-    print(f"{'case':<40} {'edgeseq us':>10} {'peer us':>9} {'x peer':>7} {'floor us':>9} {'x floor':>8}")
+    rows = [scan_row(c, peer_scan, bw, args.split) for c in SCAN_CASES] + [
+        step_row(c, peer_step, bw) for c in STEP_CASES
+    ]
+    print(
+        f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s; median µs of do_bench (graph: do_bench_cudagraph)"
+    )
+    print(
+        f"{'case':<38} {'edgeseq':>8} {'peer':>8} {'x peer':>7} {'graph':>8} {'peer gr':>8} {'x peer':>7} {'floor':>7} {'x floor':>8}"
+    )
     for r in rows:
-        print(f"{r['row']:<40} {r['edgeseq_us']:>10.1f} {r['peer_us']:>9.1f} {r['peer_us'] / r['edgeseq_us']:>7.2f} "
-              f"{r['floor_us']:>9.1f} {r['edgeseq_us'] / r['floor_us']:>8.2f}"
-              + (f"  diff y {r['max_rel_diff_y']:.1e} state {r['max_rel_diff_state']:.1e}" if "max_rel_diff_y" in r else ""))
+        print(
+            f"{r['row']:<38} {r['edgeseq_us']:>8.1f} {r['peer_us']:>8.1f} {r['peer_us'] / r['edgeseq_us']:>7.2f} "
+            f"{r['edgeseq_graph_us']:>8.1f} {r['peer_graph_us']:>8.1f} {r['peer_graph_us'] / r['edgeseq_graph_us']:>7.2f} "
+            f"{r['floor_us']:>7.1f} {r['edgeseq_graph_us'] / r['floor_us']:>8.2f}"
+        )
+    for r in rows:
+        extra = {
+            k: round(v, 1) for k, v in r.items() if k.startswith("peer_") and k not in ("peer_us", "peer_graph_us")
+        }
+        print(r["row"], extra, {k: f"{r[k]:.1e}" for k in ("max_rel_diff_y", "max_rel_diff_state") if k in r})
+        for who in ("kernels_edgeseq", "kernels_peer"):
+            for name, us in r.get(who, {}).items():
+                print(f"    {who[8:]:<8} {us:>8.1f} us  {name}")
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows},
-                                       indent=1) + "\n")
+        args.out.write_text(
+            json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -245,3 +245,30 @@ def bench(bundle, steps, prompt_len, threads, out, only, as_json):
         table.add_row(r["runtime"], f"{r['decode_ms']:.3f}", f"{1e3 / r['decode_ms']:.1f}",
                       f"{r['prefill_tokens_per_s']:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f}")
     Console().print(table)
+
+
+@main.command("build-engine")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", help="Profile the engine is for (default: the bundle's); its GPU must be this one.")
+@click.option("--flavor", type=click.Choice(["tensorrt", "portable"]),
+              help="Graphs to build from (default: tensorrt if the bundle has it, else portable).")
+@click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch the engines take.")
+@click.option("--max-sequence", type=int, default=2048, show_default=True, help="Longest prefill the engine takes.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Engine directory (default: BUNDLE/engines/NAME).")
+@json_option
+def build_engine(bundle, target, flavor, max_batch, max_sequence, output, as_json):
+    """Build TensorRT engines from a bundle, on the device that runs them (needs TensorRT;
+    the tensorrt flavor's plugins need TensorRT >= 10.9, i.e. JetPack 7 on Jetson).
+
+    \b
+    Example (on the Jetson):
+      edgeseq build-engine out/mamba2-tiny-jetson-orin-nano-8gb-w0.5
+    """
+    from edgeseq.engine import build_engines
+
+    console = Console(stderr=as_json)
+    path = build_engines(bundle, target, flavor, max_batch, max_sequence, output, _progress_printer(console))
+    if as_json:
+        _emit_json({"engines": str(path)})
+    else:
+        console.print(f"engines in {path}")

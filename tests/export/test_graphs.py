@@ -11,6 +11,8 @@ import torch
 
 from edgeseq.export.graphs import build_graph
 from edgeseq.export.spec import graph_io
+from edgeseq.export.trt_plugins import PLUGINS
+from edgeseq.runtimes import plugin_ops
 from edgeseq.state import ModelState
 from tests.conftest import random_model, small_config
 
@@ -22,8 +24,14 @@ CONFIGS = {
 }
 
 
-def session(model_proto: onnx.ModelProto):
-    return ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+def session(model_proto: onnx.ModelProto, flavor: str = "portable", plugins: str = "reference"):
+    """An onnxruntime session; the tensorrt flavor's plugin nodes run the kernels' CPU twins
+    (or, with plugins="kernels", the plugins' PTX on the GPU)."""
+    options = ort.SessionOptions()
+    if flavor == "tensorrt":
+        plugin_ops.bind(plugins)
+        options.register_custom_ops_library(plugin_ops.library_path())
+    return ort.InferenceSession(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def feeds_from(state: ModelState, ids: np.ndarray, io) -> dict[str, np.ndarray]:
@@ -37,6 +45,7 @@ def feeds_from(state: ModelState, ids: np.ndarray, io) -> dict[str, np.ndarray]:
 
 def check(sess, io, model, state, ids, kind, atol=1e-4):
     outs = dict(zip([o.name for o in io.outputs], sess.run(None, feeds_from(state, ids, io))))
+    plugin_ops.raise_pending()
     with torch.no_grad():
         if kind == "step":
             ref, ref_state = model.step(torch.from_numpy(ids[:, 0]), state)
@@ -49,15 +58,24 @@ def check(sess, io, model, state, ids, kind, atol=1e-4):
     return outs
 
 
-@pytest.mark.parametrize("flavor", ["portable", "opset27"])
+@pytest.mark.parametrize(
+    "flavor, plugins",
+    [
+        ("portable", None),
+        ("opset27", None),
+        ("tensorrt", "reference"),
+        pytest.param("tensorrt", "kernels", marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="the plugins' PTX needs a CUDA device")]),
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_graphs_match_reference_with_a_past(name, flavor):
+def test_graphs_match_reference_with_a_past(name, flavor, plugins):
     model = random_model(CONFIGS[name](), dtype=torch.float32)
     batch, warm = int(np.random.randint(1, 4)), int(np.random.randint(1, 12))
     with torch.no_grad():
         _, state = model(torch.randint(0, model.config.vocab_size, (batch, warm)))  # a real, nonzero past
     step_io, prefill_io = graph_io(model.config, "step"), graph_io(model.config, "prefill")
-    step, prefill = session(build_graph(model, "step", flavor)), session(build_graph(model, "prefill", flavor))
+    step, prefill = (session(build_graph(model, kind, flavor), flavor, plugins) for kind in ("step", "prefill"))
     # prefill lengths below, at, and across the chunk (4) and the window (6), same session: T is dynamic
     for t in (1, 3, 4, 7, 13):
         ids = np.random.randint(0, model.config.vocab_size, (batch, t)).astype(np.int64)
@@ -96,11 +114,18 @@ def test_export_is_deterministic_and_flavor_ops_are_as_declared(flavor):
         assert opset <= 18 and not ops & {"LinearAttention", "CausalConvWithState", "Einsum", "Loop", "Scan"}
     elif flavor == "opset27":
         assert opset == 27 and {"LinearAttention", "CausalConvWithState"} <= ops
-    else:
-        plugins = [n for n in proto.graph.node if n.op_type == "EdgeseqSSDScan"]
-        assert len(plugins) == 2  # one per Mamba2 layer
-        attrs = {a.name for a in plugins[0].attribute}
-        assert {"plugin_namespace", "plugin_version"} <= attrs
+    else:  # two plugin nodes per Mamba2 layer in prefill (one in the step), attributes as TensorRT's parser reads them
+        step = build_graph(model, "step", flavor)
+        for graph, names in ((proto, ("EdgeseqSSDChunkState", "EdgeseqSSDChunkScan")), (step, ("EdgeseqSSDStep",))):
+            plugins = [n for n in graph.graph.node if n.domain == "edgeseq.trt"]
+            assert sorted(n.op_type for n in plugins) == sorted(names * 2)
+            for node in plugins:
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                assert attrs.pop("plugin_namespace") == b"edgeseq" and attrs.pop("plugin_version") == b"1"
+                assert set(attrs) == set(PLUGINS[node.op_type].attrs)
+                assert len(node.input) == len(PLUGINS[node.op_type].inputs)
+                assert len(node.output) == len(PLUGINS[node.op_type].outputs)
+        assert "Conv" in ops and not {"Conv", "Softplus"} & {n.op_type for n in step.graph.node}
     onnx.checker.check_model(proto)
 
 

@@ -1,0 +1,162 @@
+"""The ``tensorrt`` flavor's plugin nodes as onnxruntime custom ops, without TensorRT.
+
+onnxruntime-extensions (the optional ``plugins`` extra) runs a custom-domain node through
+a Python function. ``bind(backend)`` registers one per plugin of
+``edgeseq.export.trt_plugins.PLUGINS``:
+
+- ``"reference"``: the kernels' pure-torch twins, on the CPU;
+- ``"kernels"``: the plugin's own PTX (``edgeseq.kernels.aot``, compiled for the GPU at
+  hand) loaded and launched through the CUDA driver with the launch parameters the
+  TensorRT plugin gives the engine, on torch-allocated device memory.
+
+So a plugin-node graph runs in onnxruntime exactly as exported, and its outputs can be
+compared with the reference like any other runner's. The custom ops run on onnxruntime's
+CPU provider; the ``kernels`` backend copies each node's inputs to the GPU and back.
+
+onnxruntime-extensions ends the process on an exception inside an op and never
+unregisters an op; so each body catches everything, returns empty outputs and leaves the
+error for ``raise_pending()`` (the runner calls it after every run), and the ops are
+registered once per process, their backend switchable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeseq.errors import RuntimeUnavailableError
+from edgeseq.export.trt_plugins import DOMAIN, PLUGINS, plugin_dims
+
+BACKENDS = ("reference", "kernels")
+_state: dict[str, object] = {"backend": None, "error": None, "registered": False}
+
+
+def library_path() -> str:
+    """onnxruntime-extensions' custom-op library, for ``SessionOptions.register_custom_ops_library``."""
+    return _extensions().get_library_path()
+
+
+def _extensions():
+    try:
+        import onnxruntime_extensions
+    except ImportError:
+        raise RuntimeUnavailableError(
+            "running plugin nodes in onnxruntime needs onnxruntime-extensions; pip install 'edgeseq[plugins]'"
+        ) from None
+    return onnxruntime_extensions
+
+
+def bind(backend: str) -> None:
+    """Route every plugin node of later runs to ``backend`` ("reference" or "kernels")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown plugin backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "kernels":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailableError("the 'kernels' plugin backend needs a CUDA device; use 'reference'")
+    ext = _extensions()
+    if not _state["registered"]:
+        for op, spec in PLUGINS.items():
+            attrs = {a: ext.PyCustomOpDef.dt_int64 for a in spec.int_attrs}
+            attrs |= {a: ext.PyCustomOpDef.dt_float for a in spec.float_attrs}
+            ext.onnx_op(
+                op_type=f"{DOMAIN}::{op}",
+                inputs=[ext.PyCustomOpDef.dt_float] * len(spec.inputs),
+                outputs=[ext.PyCustomOpDef.dt_float] * len(spec.outputs),
+                attrs=attrs,
+            )(_guarded(op))
+        _state["registered"] = True
+    _state["backend"] = backend
+
+
+def raise_pending() -> None:
+    """Raise the first error an op body caught since the last call, if any."""
+    error, _state["error"] = _state["error"], None
+    if error is not None:
+        raise error
+
+
+def _guarded(op: str):
+    n_out = len(PLUGINS[op].outputs)
+
+    def body(*inputs: np.ndarray, **attrs):
+        try:
+            run = _KERNELS[op] if _state["backend"] == "kernels" else _REFERENCE[op]
+            return tuple(np.ascontiguousarray(o, dtype=np.float32) for o in run(*inputs, **attrs))
+        except BaseException as error:  # noqa: BLE001  (an escaping exception would end the process)
+            _state["error"] = _state["error"] or error
+            return tuple(np.zeros(0, np.float32) for _ in range(n_out))
+
+    body.__name__ = op
+    return body
+
+
+# ---- reference: the twins on the CPU ----------------------------------------------------
+def _torch(*arrays: np.ndarray):
+    import torch
+
+    return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+
+
+def _ref_chunk_state(x, dt, A, B, state, **attrs):
+    from edgeseq.kernels.ssd_scan import ssd_chunk_state_ref
+
+    X, dt, A, B, state = _torch(x, dt, A, B, state)
+    return [t.numpy() for t in ssd_chunk_state_ref(X, dt, A, B, int(attrs["chunk_size"]), state)]
+
+
+def _ref_chunk_scan(x, dt, B, C, states, a_cum, D, **attrs):
+    from edgeseq.kernels.ssd_scan import ssd_chunk_scan_ref
+
+    return [ssd_chunk_scan_ref(*_torch(x, dt, B, C, states, a_cum, D), int(attrs["chunk_size"])).numpy()]
+
+
+def _ref_step(xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A, D, ssm_state, **attrs):
+    from edgeseq.kernels.ssd_step import ssd_step_ref
+
+    args = _torch(xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A, D, ssm_state)
+    d = plugin_dims(attrs)
+    return [t.numpy() for t in ssd_step_ref(*args, d.groups, d.dt_min, d.dt_max)]
+
+
+_REFERENCE = {"EdgeseqSSDChunkState": _ref_chunk_state, "EdgeseqSSDChunkScan": _ref_chunk_scan, "EdgeseqSSDStep": _ref_step}
+
+
+# ---- kernels: the plugin's PTX through the CUDA driver ----------------------------------
+def _launch_plugin(op: str, attrs: dict, inputs: list[np.ndarray], output_shapes: list[tuple[int, ...]], batch, seqlen=None):
+    import torch
+
+    from edgeseq.kernels import aot
+
+    dims = plugin_dims(attrs)
+    major, minor = torch.cuda.get_device_capability()
+    kernel = aot.compile_entry(PLUGINS[op].kind, dims, 10 * major + minor)
+    device_in = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).cuda() for a in inputs]
+    device_out = [torch.zeros(s, dtype=torch.float32, device="cuda") for s in output_shapes]
+    aot.launch(
+        kernel, aot.launch_grid(kernel, dims, batch, seqlen), [t.data_ptr() for t in device_in],
+        [] if seqlen is None else [seqlen], [t.data_ptr() for t in device_out], torch.cuda.current_stream().cuda_stream,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    return [t.cpu().numpy() for t in device_out]
+
+
+def _gpu_chunk_state(x, dt, A, B, state, **attrs):
+    b, t, h, p = x.shape
+    q = int(attrs["chunk_size"])
+    c = -(-t // q)
+    shapes = [(b, h, c * q), (b, c, h, state.shape[2], p), state.shape]
+    return _launch_plugin("EdgeseqSSDChunkState", attrs, [x, dt, A, B, state], shapes, b, t)
+
+
+def _gpu_chunk_scan(x, dt, B, C, states, a_cum, D, **attrs):
+    return _launch_plugin("EdgeseqSSDChunkScan", attrs, [x, dt, B, C, states, a_cum, D], [x.shape], x.shape[0], x.shape[1])
+
+
+def _gpu_step(xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A, D, ssm_state, **attrs):
+    b, h, n, p = ssm_state.shape
+    inputs = [xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A, D, ssm_state]
+    return _launch_plugin("EdgeseqSSDStep", attrs, inputs, [(b, h, p), conv_state.shape, ssm_state.shape], b)
+
+
+_KERNELS = {"EdgeseqSSDChunkState": _gpu_chunk_state, "EdgeseqSSDChunkScan": _gpu_chunk_scan, "EdgeseqSSDStep": _gpu_step}
