@@ -29,6 +29,7 @@ class GraphBuilder:
         self.arrays: dict[str, np.ndarray] = {}  # initializers by name, made into tensors at build()
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []  # types of custom ops' outputs (no inference for them)
         self._counts: Counter[str] = Counter()
         self._consts: dict[tuple, str] = {}
 
@@ -67,17 +68,22 @@ class GraphBuilder:
         return self.const(list(values), "int64")
 
     # ---- nodes -------------------------------------------------------------------------
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs) -> str | tuple[str, ...]:
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", output_dtype: str | None = None,
+           **attrs) -> str | tuple[str, ...]:  # fmt: skip
+        """A node; ``output_dtype`` declares its outputs' element type (for custom-domain ops,
+        whose types ONNX shape inference, and so the fp16 converter, cannot know)."""
         names = [self.fresh(op_type.lower()) for _ in range(outputs)]
         node = helper.make_node(op_type, list(inputs), names, name=self.fresh(f"n_{op_type}"), domain=domain, **attrs)
         self.nodes.append(node)
+        if output_dtype is not None:
+            self.value_info += [helper.make_tensor_value_info(n, DTYPES[output_dtype], None) for n in names]
         return names[0] if outputs == 1 else tuple(names)
 
     # ---- build -------------------------------------------------------------------------
     def build(self, doc: str = "") -> onnx.ModelProto:
         used = {i for n in self.nodes for i in n.input}  # a weight a graph function replaced is not stored
         inits = [numpy_helper.from_array(np.ascontiguousarray(a), k) for k, a in self.arrays.items() if k in used]
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits)
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits, value_info=self.value_info)
         opsets = [helper.make_opsetid(d, v) for d, v in sorted(self.domains.items())]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeseq", doc_string=doc)
         model.ir_version = min(model.ir_version, 10 if self.opset <= 21 else 11)

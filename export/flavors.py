@@ -148,8 +148,8 @@ class TensorRT(Portable):
 
     def _plugin(self, g: GraphBuilder, op: str, d: SSMDims, *inputs: str, outputs: int, **attrs):
         sizes = dict(heads=d.heads, ngroups=d.groups, headdim=d.headdim, d_state=d.d_state)
-        return g.op(op, *inputs, outputs=outputs, domain=TRT_DOMAIN, plugin_namespace=TRT_NAMESPACE,
-                    plugin_version=TRT_VERSION, **sizes, **attrs)  # fmt: skip
+        return g.op(op, *inputs, outputs=outputs, domain=TRT_DOMAIN, output_dtype="float32",
+                    plugin_namespace=TRT_NAMESPACE, plugin_version=TRT_VERSION, **sizes, **attrs)  # fmt: skip
 
     def mixer_core(self, g: GraphBuilder, d: SSMDims, w: MixerWeights, xBC, dt, past: dict[str, str], rank: int):
         """The step: conv, dt, state update and output in one EdgeseqSSDStep node."""

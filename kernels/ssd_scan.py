@@ -18,8 +18,6 @@ are in the inputs' dtype (bf16/fp16 products accumulate in fp32; fp32 ones use 3
 masked (step 0's dt = 0 padding), so nothing is copied or padded on the host.
 """
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -85,8 +83,8 @@ _STATE_NAMES, _STATE_TILES = ("BLOCK_N", "BLOCK_P", "BLOCK_K"), [
     ((128, 32, 64), 8, 2), ((128, 64, 32), 8, 3), ((128, 64, 64), 8, 2),
 ]  # fmt: skip
 _SCAN_NAMES, _SCAN_TILES = ("BLOCK_M", "BLOCK_K", "BLOCK_P"), [
-    ((64, 32, 32), 4, 3), ((64, 32, 64), 4, 2), ((64, 64, 32), 4, 2),
-    ((64, 64, 64), 8, 2), ((128, 32, 64), 8, 3), ((128, 64, 64), 8, 2),
+    ((64, 32, 32), 4, 3), ((64, 32, 64), 4, 2), ((64, 64, 32), 4, 2), ((64, 64, 64), 4, 3),
+    ((64, 64, 64), 8, 2), ((128, 32, 64), 8, 3), ((128, 64, 64), 8, 2), ((128, 64, 64), 4, 3),
 ]  # fmt: skip
 _FUSED_TILES = [
     ((32, 32, 64), 4, 3), ((32, 64, 64), 4, 3), ((64, 32, 64), 4, 3),
@@ -181,14 +179,22 @@ def _chunk_state_kernel(
     )
 
 
+def _passing_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK": 256}, num_warps=1)]
+    return [triton.Config({"BLOCK": block}, num_warps=w) for block, w in ((256, 2), (512, 4), (1024, 4), (2048, 8))]
+
+
+@triton.autotune(_passing_configs(), key=["headdim", "dstate", "nheads"])
 @triton.jit
 def _state_passing_kernel(
-    S, ACUM, INIT, FINAL,
+    OWN, ACUM, INIT, S, FINAL,
     chunk_size, nchunks, nheads, headdim, dstate, si_b, si_h, si_n, si_p,
     HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """grid (cdiv(n*p, BLOCK), b*h). The recurrence across chunks, in fp32:
-    S[c] <- state entering chunk c; state <- exp(a_end[c]) * state + S[c]."""
+    S[c] <- state entering chunk c (in S's dtype); state <- exp(a_end[c]) * state + OWN[c].
+    Serial over chunks, so each iteration's loads are issued one chunk ahead."""
     pid, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = pid_bh // nheads, pid_bh % nheads
     offs = pid * BLOCK + tl.arange(0, BLOCK)  # flat (n, p) index
@@ -198,12 +204,18 @@ def _state_passing_kernel(
         state = tl.load(init_ptrs, mask=mask, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK,), dtype=tl.float32)
+    chunk_stride = nheads * dstate * headdim
+    base = (b * nchunks * nheads + h) * dstate * headdim + offs
+    ACUM += pid_bh * nchunks * chunk_size + chunk_size - 1
+    own = tl.load(OWN + base, mask=mask, other=0.0)
+    a_end = tl.load(ACUM)
     for c in range(nchunks):
-        ptrs = S + ((b * nchunks + c) * nheads + h) * dstate * headdim + offs
-        own = tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, state, mask=mask)
-        a_end = tl.load(ACUM + (pid_bh * nchunks + c) * chunk_size + chunk_size - 1)
+        more = c + 1 < nchunks
+        own_next = tl.load(OWN + base + (c + 1) * chunk_stride, mask=mask & more, other=0.0)
+        a_next = tl.load(ACUM + (c + 1) * chunk_size, mask=more, other=0.0)
+        tl.store(S + base + c * chunk_stride, state.to(S.dtype.element_ty), mask=mask)
         state = state * tl.exp(a_end) + own
+        own, a_end = own_next, a_next
     tl.store(FINAL + pid_bh * dstate * headdim + offs, state, mask=mask)
 
 
@@ -381,12 +393,23 @@ def ssd_chunk_scan_entry(
     )  # fmt: skip
 
 
-def ssd_scan(X, dt, A, B, C, chunk_size: int, D=None, initial_state=None) -> tuple[Tensor, Tensor]:
-    """Chunked SSD scan in Triton; three launches, no host loop over chunks or heads.
+def _parallel_programs(device: torch.device) -> int:
+    """Batch x heads from which the fused state pass fills the GPU (its SM count)."""
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter: the three-launch path unless asked
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def ssd_scan(X, dt, A, B, C, chunk_size: int, D=None, initial_state=None, fused_state: bool | None = None):
+    """Chunked SSD scan in Triton; two or three launches, no host loop over chunks or heads.
 
     X (b, l, h, p) fp32/bf16/fp16, any strides; dt (b, l, h) after softplus; A (h,);
     B, C (b, l, g, n) with g dividing h; D (h,) or None; initial_state (b, h, n, p) or None.
     Returns Y (b, l, h, p) in X's dtype and the final state (b, h, n, p) in fp32.
+
+    The states entering the chunks come from one fused pass over the sequence per (b, h)
+    (``fused_state=True``: two launches) or from every chunk in parallel plus a serial pass
+    across chunks (False: three launches); None picks the fused pass when b*h fills the GPU.
     """
     require_triton()
     b, l, h, p = X.shape
@@ -405,9 +428,11 @@ def ssd_scan(X, dt, A, B, C, chunk_size: int, D=None, initial_state=None) -> tup
     dot = FP32_DOT if X.dtype == torch.float32 else "tf32"  # moot for half operands
     upcast = interpreting() and X.dtype == torch.bfloat16
     init = initial_state if initial_state is not None else final  # a placeholder pointer when absent
-    if os.environ.get("EDGESEQ_SCAN_STATE", "fused") == "fused":
-        # the states entering chunks feed C's products only: X's dtype, as the dot would round them
-        states = torch.empty(b, c, h, n, p, dtype=X.dtype, device=X.device)
+    # the states entering chunks feed C's products only: X's dtype, as the dot would round them
+    states = torch.empty(b, c, h, n, p, dtype=X.dtype, device=X.device)
+    if fused_state is None:
+        fused_state = b * h >= _parallel_programs(X.device)
+    if fused_state:  # one pass over the sequence per (b, h, tile): enough programs to fill the GPU
 
         def fused_grid(meta):
             return triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(p, meta["BLOCK_P"]), b * h
@@ -416,19 +441,22 @@ def ssd_scan(X, dt, A, B, C, chunk_size: int, D=None, initial_state=None) -> tup
             X, dt, A, B, init, a_cum, states, final, *dims, *strides, *init.stride(),
             HAS_INIT=initial_state is not None, DOT=dot, UPCAST=upcast,
         )  # fmt: skip
-    else:
-        states = torch.empty(b, c, h, n, p, dtype=torch.float32, device=X.device)
+    else:  # few (b, h): every chunk's own state in parallel, then the short serial pass
+        own = torch.empty(b, c, h, n, p, dtype=torch.float32, device=X.device)
 
         def state_grid(meta):
             return triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(p, meta["BLOCK_P"]), b * h, c
 
         _chunk_state_kernel[state_grid](
-            X, dt, A, B, a_cum, states, *dims, *strides, DOT=dot, UPCAST=upcast, BLOCK_Q=next_pow2(chunk_size)
+            X, dt, A, B, a_cum, own, *dims, *strides, DOT=dot, UPCAST=upcast, BLOCK_Q=next_pow2(chunk_size)
         )
-        _state_passing_kernel[(triton.cdiv(n * p, 256), b * h)](
-            states, a_cum, init, final, chunk_size, c, h, p, n, *init.stride(),
-            HAS_INIT=initial_state is not None, BLOCK=256,
-        )  # fmt: skip
+
+        def passing_grid(meta):
+            return triton.cdiv(n * p, meta["BLOCK"]), b * h
+
+        _state_passing_kernel[passing_grid](
+            own, a_cum, init, states, final, chunk_size, c, h, p, n, *init.stride(), HAS_INIT=initial_state is not None
+        )
 
     def scan_grid(meta):
         return triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), b * h, c

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgeseq.export.spec import GraphIO, TensorSpec
-from edgeseq.runtimes.base import Runner, RunnerNotActiveError, check_declared, io_from_specs
+from edgeseq.runtimes.base import GraphIOError, Runner, RunnerNotActiveError, check_declared, io_from_specs
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,13 @@ class OnnxRuntimeRunner(Runner):
 
             plugin_ops.bind(self.plugins)
             options.register_custom_ops_library(plugin_ops.library_path())
-        self._session = ort.InferenceSession(self.source, sess_options=options, providers=self.providers_requested)
+            # the ops' Python bodies run torch: onnxruntime's spinning workers would take their cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(self.source, sess_options=options, providers=self.providers_requested)
+        except Exception as error:  # onnxruntime's own exception types; report one line
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise GraphIOError(f"{self.name}: onnxruntime cannot load the graph: {reason}") from None
         self.providers_used = list(self._session.get_providers())
         asked = [p if isinstance(p, str) else p[0] for p in self.providers_requested]
         if dropped := [p for p in asked if p not in self.providers_used]:

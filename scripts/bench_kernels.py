@@ -98,10 +98,17 @@ def scan_row(case, peer_scan, bw, split=False):
     def peer_plain():  # no initial state in, no final state out
         return peer_scan(X, dt, A, B, C, CHUNK, D=D)
 
+    fused = b * h >= torch.cuda.get_device_properties(0).multi_processor_count  # ssd_scan's own choice
+
+    def ours_other_path():  # the way of computing the chunk states that ssd_scan did not choose
+        return ssd_scan(X, dt, A, B, C, CHUNK, D=D, initial_state=s0, fused_state=not fused)
+
     row = {"row": f"scan b={b} l={l} h={h} p={p} n={n} g={g}"}
     row |= {f"edgeseq_{k}": v for k, v in timed(ours).items()}
     row |= {f"peer_{k}": v for k, v in timed(peer).items()}
     row |= {f"peer_plain_{k}": v for k, v in timed(peer_plain).items()}
+    row["edgeseq_path"] = "fused state pass (2 launches)" if fused else "chunk states + passing (3 launches)"
+    row["edgeseq_other_path_graph_us"] = timed(ours_other_path)["graph_us"]
     (y, fin), (y_p, fin_p) = ours(), peer()
     moved = 2 * X.numel() * 2 + dt.numel() * 4 + 2 * B.numel() * 2 + 2 * s0.numel() * 4  # X in, Y out, dt, B, C, states
     row |= {
@@ -111,6 +118,7 @@ def scan_row(case, peer_scan, bw, split=False):
     }
     if split:
         row["kernels_edgeseq"], row["kernels_peer"] = kernel_split(ours), kernel_split(peer)
+        row["kernels_edgeseq_other_path"] = kernel_split(ours_other_path)
     return row
 
 
@@ -204,9 +212,9 @@ def main() -> None:
             k: round(v, 1) for k, v in r.items() if k.startswith("peer_") and k not in ("peer_us", "peer_graph_us")
         }
         print(r["row"], extra, {k: f"{r[k]:.1e}" for k in ("max_rel_diff_y", "max_rel_diff_state") if k in r})
-        for who in ("kernels_edgeseq", "kernels_peer"):
+        for who in ("kernels_edgeseq", "kernels_edgeseq_other_path", "kernels_peer"):
             for name, us in r.get(who, {}).items():
-                print(f"    {who[8:]:<8} {us:>8.1f} us  {name}")
+                print(f"    {who[8:]:<18} {us:>8.1f} us  {name}")
     if args.out:
         args.out.write_text(
             json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, indent=1) + "\n"

@@ -183,3 +183,24 @@ def test_quantize_a_trained_bundle_passes_the_gates_and_shrinks(tmp_path):
     assert sizes["int4"] <= 0.3 * sizes["fp32"] and sizes["int8"] < sizes["fp32"], sizes
     result = CliRunner().invoke(main, ["quantize", str(tmp_path / "int8"), "--quant", "int4", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "quantize the fp32 bundle" in result.output
+
+
+def test_tensorrt_flavor_bundle_validates_and_runs_through_plugin_ops(tmp_path, monkeypatch):
+    """--flavor tensorrt for a Jetson: the plugin-node graphs are validated in onnxruntime
+    (custom ops on the kernels' CPU twins) and stream text; build-engine without TensorRT
+    says so in one line and writes nothing."""
+    source = tmp_path / "model"
+    save_checkpoint(random_model(small_config(vocab_size=264), dtype=torch.float32, seed=7), source)
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(main, ["export", "--model", str(source), "--target", "jetson", "--width", "0.5",
+                                       "--quant", "fp32", "--flavor", "tensorrt", "-o", str(out),
+                                       "--steps", "16", "--long-steps", "32", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest["flavors"] == ["tensorrt"] and manifest["validation"]["ran"]["tensorrt"]["passed"]
+    result = CliRunner().invoke(main, ["run", str(out), "--prompt", "ab", "-n", "8", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails, installed or not
+    result = CliRunner().invoke(main, ["build-engine", str(out)])
+    assert result.exit_code != 0 and "TensorRT is not installed" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (out / "engines").exists()

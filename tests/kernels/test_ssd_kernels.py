@@ -50,26 +50,30 @@ def in_fp64(inputs):
     return {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["three_launches", "fused_state"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("init", [True, False], ids=["init", "zero"])
 @pytest.mark.parametrize("ngroups", [1, 2])
-@pytest.mark.parametrize("l", [1, CHUNK - 1, CHUNK + 3, 2 * CHUNK + 5])
-def test_scan_matches_reference(l, ngroups, init, dtype):
-    """Against the reference in fp64 on the same (possibly bf16-rounded) inputs."""
+@pytest.mark.parametrize("l", [1, CHUNK - 1, CHUNK + 3, 4 * CHUNK + 5])
+def test_scan_matches_reference(l, ngroups, init, dtype, fused):
+    """Against the reference in fp64 on the same (possibly bf16-rounded) inputs; both ways
+    of computing the states entering the chunks. Four chunks and a bit: blocks left of the
+    diagonal (the factored decay) in every chunk but the first row block."""
     gen = torch.Generator().manual_seed(1000 * l + 10 * ngroups + init)
     x = scan_inputs(gen, l, ngroups, dtype, init)
-    Y, final = scan.ssd_scan(**x, chunk_size=CHUNK)
+    Y, final = scan.ssd_scan(**x, chunk_size=CHUNK, fused_state=fused)
     Y_ref, final_ref = ssd_scan_ref(**in_fp64(x), chunk_size=CHUNK)
     assert Y.shape == x["X"].shape and Y.dtype == dtype and final.dtype == torch.float32
     assert_rel(Y, Y_ref, TOL[dtype], "Y")
     assert_rel(final, final_ref, TOL[dtype], "final state")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["three_launches", "fused_state"])
 @pytest.mark.parametrize("chunk_size", [8, 24, 32])  # below one block, not a power of two, several blocks
-def test_scan_chunk_sizes_match_the_recurrence(chunk_size):
+def test_scan_chunk_sizes_match_the_recurrence(chunk_size, fused):
     gen = torch.Generator().manual_seed(chunk_size)
     x = scan_inputs(gen, 45, ngroups=2, h=2)
-    Y, final = scan.ssd_scan(**x, chunk_size=chunk_size)
+    Y, final = scan.ssd_scan(**x, chunk_size=chunk_size, fused_state=fused)
     Y_seq, final_seq = ssd_sequential_ref(**in_fp64(x))
     assert_rel(Y, Y_seq, 1e-4, "Y")
     assert_rel(final, final_seq, 1e-4, "final state")
