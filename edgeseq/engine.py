@@ -61,7 +61,8 @@ def build_engines(bundle: Path, target: str | None = None, flavor: str | None = 
     final = output or bundle / "engines" / name
     if final.exists():
         raise BundleError(f"{final} exists; remove it or pass --output")
-    tmp = Path(tempfile.mkdtemp(prefix=".engine-", dir=final.parent if final.parent.exists() else bundle))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".engine-", dir=final.parent))  # same file system: the rename is atomic
     try:
         for kind in ("step", "prefill"):
             if progress:
@@ -76,7 +77,6 @@ def build_engines(bundle: Path, target: str | None = None, flavor: str | None = 
         info = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(), "compute_capability": cc,
                 "flavor": flavor, "precision": precision, "max_batch": max_batch, "max_sequence": max_sequence}  # fmt: skip
         (tmp / "engine.json").write_text(json.dumps(info, indent=1) + "\n")
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

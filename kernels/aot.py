@@ -68,10 +68,10 @@ def _tiles(kind: str, d: PluginDims, halve: int = 0) -> dict[str, int]:
 
 
 def _entry(kind: str):
-    from edgeseq.kernels import ssd_scan, ssd_step
+    from edgeseq.kernels import ssd_scan, ssd_states, ssd_step
 
     return {
-        "chunk_state": ssd_scan.ssd_chunk_state_entry,
+        "chunk_state": ssd_states.ssd_chunk_state_entry,
         "chunk_scan": ssd_scan.ssd_chunk_scan_entry,
         "step": ssd_step.ssd_step_entry,
     }[kind]

@@ -142,35 +142,17 @@ def step_row(case, peer_step, bw):
     def ours():
         return ssd_step(xBC, dt, conv_state, w, cb, dt_bias, A, D, state, g)
 
-    def peer():
-        window = torch.cat([conv_state, xBC[..., None]], -1)
-        u = F.silu((window * w.to(window.dtype)).sum(-1) + cb)
+    def peer_update(u):  # selective_state_update on conv output (or raw xBC) u
         x, Bc, Cc = u.split([h * p, g * n, g * n], -1)
-        return peer_step(
-            state_p,
-            x.view(b, h, p),
-            dt_p,
-            A_p,
-            Bc.view(b, g, n),
-            Cc.view(b, g, n),
-            D=D_p,
-            dt_bias=dtb_p,
-            dt_softplus=True,
-        )
+        return peer_step(state_p, x.view(b, h, p), dt_p, A_p, Bc.view(b, g, n), Cc.view(b, g, n), D=D_p,
+                         dt_bias=dtb_p, dt_softplus=True)  # fmt: skip
+
+    def peer():  # PyTorch's conv update, then the peer's SSM update
+        window = torch.cat([conv_state, xBC[..., None]], -1)
+        return peer_update(F.silu((window * w.to(window.dtype)).sum(-1) + cb))
 
     def peer_ssm_only():  # selective_state_update alone, the conv left out
-        x, Bc, Cc = xBC.split([h * p, g * n, g * n], -1)
-        return peer_step(
-            state_p,
-            x.view(b, h, p),
-            dt_p,
-            A_p,
-            Bc.view(b, g, n),
-            Cc.view(b, g, n),
-            D=D_p,
-            dt_bias=dtb_p,
-            dt_softplus=True,
-        )
+        return peer_update(xBC)
 
     row = {"row": f"step b={b} h={h} p={p} n={n}"}
     row |= {f"edgeseq_{k}": v for k, v in timed(ours).items()}

@@ -179,7 +179,8 @@ def test_plugin_ptx_through_the_driver_matches_the_reference(case):
     """Each plugin's PTX for this GPU, loaded with cuModuleLoadData and launched with the
     grid, block, shared memory and argument order the TensorRT plugin declares."""
     from edgeseq.kernels import aot
-    from edgeseq.kernels.ssd_scan import ssd_chunk_scan_ref, ssd_chunk_state_ref
+    from edgeseq.kernels.ssd_scan import ssd_chunk_scan_ref
+    from edgeseq.kernels.ssd_states import ssd_chunk_state_ref
     from edgeseq.kernels.ssd_step import ssd_step_ref
     from edgeseq.reference import ssd_scan_ref
 
@@ -200,7 +201,7 @@ def test_plugin_ptx_through_the_driver_matches_the_reference(case):
 
     c = -(-t // q)
     a_cum, states, final = run("chunk_state", [x, dt, A, B, s0], [(b, h, c * q), (b, c, h, n, p), (b, h, n, p)], [t], b, t)
-    a_ref, states_ref, final_ref = ssd_chunk_state_ref(x, dt, A, B, q, s0)
+    a_ref, states_ref, _ = ssd_chunk_state_ref(x, dt, A, B, q, s0)
     assert_rel(a_cum, a_ref, 1e-5, "a_cum")
     assert_rel(states, states_ref, 1e-4, "chunk states")
     (y,) = run("chunk_scan", [x, dt, B, C, states, a_cum, D], [(b, t, h, p)], [t], b, t)

@@ -17,6 +17,7 @@ from edgeseq.config import Mamba2Params, ModelConfig
 from edgeseq.kernels import ops
 from edgeseq.kernels import ssd_scan as scan
 from edgeseq.kernels import ssd_step as step
+from edgeseq.kernels._common import prune, tuning_space
 from edgeseq.model import Mamba2Mixer
 from edgeseq.reference import causal_conv1d_ref, ssd_scan_ref, ssd_sequential_ref
 from edgeseq.state import Mamba2LayerState
@@ -261,10 +262,10 @@ def test_scan_at_the_benchmark_shape_on_cuda():
 
 def test_tuning_space_is_pruned_to_the_problem():
     """The autotuner only tries tiles that fit the chunk, head dim and state (always at least one)."""
-    configs = scan.tuning_space(scan._SCAN_NAMES, scan._SCAN_TILES)
-    kept = scan._prune(configs, {"chunk_size": 64, "headdim": 32, "dstate": 128})
+    configs = tuning_space(scan._SCAN_NAMES, scan._SCAN_TILES)
+    kept = prune(configs, {"chunk_size": 64, "headdim": 32, "dstate": 128})
     assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_P"] <= 32 for c in kept)
-    assert scan._prune(configs, {"chunk_size": 8, "headdim": 4, "dstate": 4}) == configs[:1]
+    assert prune(configs, {"chunk_size": 8, "headdim": 4, "dstate": 4}) == configs[:1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
