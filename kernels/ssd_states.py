@@ -1,7 +1,7 @@
 """The states entering the chunks of the SSD scan (the reference's steps 3 and 4), beside
 their twin; ``edgeseq.kernels.ssd_scan`` reads them out. Two ways, same result:
 
-    fused (2nd launch of 2):  X, dt, A, B --[_state_scan: steps 3+4, one pass per (b, h, tile)]-->
+    fused (launch 1 of 2):    X, dt, A, B --[_state_scan: steps 3+4, one pass per (b, h, tile)]-->
                               a_cum (b, h, c*q), S (b, c, h, n, p), final (b, h, n, p)
     split (launches 1-2 of 3): X, dt, A, B --[_chunk_state: step 3, every chunk at once]-->
                               a_cum, OWN (b, c, h, n, p) each chunk's own end state (fp32)

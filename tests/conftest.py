@@ -1,4 +1,10 @@
-"""Shared test helpers: small random configs and models, fresh seeds per test."""
+"""Shared test helpers: small random configs and models, fresh seeds per test.
+
+Without a GPU, Triton kernels run through Triton's CPU interpreter. It is chosen here,
+before any test module can import triton: ``@triton.jit`` reads ``TRITON_INTERPRET`` when
+it decorates, Triton's own library functions included (``tl.cdiv``), so the switch must
+precede the first ``import triton`` of the session.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from edgeseq.config import AttentionParams, Mamba2Params, ModelConfig
 from edgeseq.model import NestedLM
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def small_config(pattern: str = "M M+ S+ M A", *, ngroups: int = 2, **overrides) -> ModelConfig:

@@ -1,8 +1,6 @@
-"""Kernel tests run on a GPU when there is one, else through Triton's CPU interpreter.
-
-The interpreter is chosen here, before any kernel module is imported: ``@triton.jit``
-reads ``TRITON_INTERPRET`` when it decorates. Tests of the Triton path skip when Triton
-(the optional ``kernels`` extra) is not installed.
+"""Kernel tests run on a GPU when there is one, else through Triton's CPU interpreter
+(chosen in tests/conftest.py, before anything imports triton). Tests of the Triton path
+skip when Triton (the optional ``kernels`` extra) is not installed.
 """
 
 from __future__ import annotations
@@ -11,10 +9,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _patch_interpreter() -> None:
