@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 
 def _patch_interpreter() -> None:
