@@ -129,10 +129,8 @@ def _chunk_scan_kernel(
     tl.store(Y + (start + offs_m)[:, None] * sy_l + offs_p[None, :] * sy_p, acc, mask=mask_mp)
 
 
-# ---- entry points for TensorRT plugins (edgeseq.kernels.aot compiles them to PTX) ----------
-# TensorRT launches an AOT plugin kernel with (input pointers, int32 scalars, output pointers);
-# tensors are contiguous, the model's sizes are constexprs baked into the PTX, and the only
-# scalar is the sequence length. They run the same kernel bodies as the launchers.
+# ---- the TensorRT plugin's entry, compiled to PTX by edgeseq.kernels.aot: TensorRT's argument
+# order and contiguous tensors, as ssd_states.ssd_chunk_state_entry; the launcher's kernel body.
 _chunk_scan_body = getattr(_chunk_scan_kernel, "fn", _chunk_scan_kernel)  # the jit function under the autotuner
 
 
