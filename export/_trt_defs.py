@@ -15,10 +15,17 @@ the engine: the sizes they carry are compiled into the PTX.
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from edgeseq.export.trt_plugins import NAMESPACE, plugin_dims
+from edgeseq.export.trt_plugins import NAMESPACE, output_shapes, plugin_dims
 from edgeseq.kernels.aot import compile_entry, launch_grid
 
 AotResult = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
+
+
+def _outputs(op: str, attrs: dict, **inputs):
+    """The output descriptors: ``trt_plugins.output_shapes`` on the inputs' symbolic shapes, fp32."""
+    shapes = {name: desc.shape_expr for name, desc in inputs.items()}
+    descs = tuple(trtp.from_shape_expr(s, dtype=trt.float32) for s in output_shapes(op, shapes, attrs, cdiv=trtp.cdiv))
+    return descs if len(descs) > 1 else descs[0]
 
 
 def _launch(kind: str, attrs: dict, cc: int, batch, seqlen=None):
@@ -41,11 +48,8 @@ def define(cc: int) -> None:
     def chunk_state(
         x: T, dt: T, A: T, B: T, state: T, heads: int, ngroups: int, headdim: int, d_state: int, chunk_size: int
     ) -> tuple[T, T, T]:
-        b, t = x.shape_expr[0], x.shape_expr[1]
-        c = trtp.cdiv(t, chunk_size)
-        a_cum = trtp.from_shape_expr((b, heads, c * chunk_size), dtype=trt.float32)
-        chunk_states = trtp.from_shape_expr((b, c, heads, d_state, headdim), dtype=trt.float32)
-        return a_cum, chunk_states, state.like()
+        attrs = dict(heads=heads, headdim=headdim, d_state=d_state, chunk_size=chunk_size)
+        return _outputs("EdgeseqSSDChunkState", attrs, x=x, state=state)
 
     @trtp.aot_impl(f"{ns}::EdgeseqSSDChunkState")
     def chunk_state_aot(
@@ -60,7 +64,7 @@ def define(cc: int) -> None:
         x: T, dt: T, B: T, C: T, chunk_states: T, a_cum: T, D: T,
         heads: int, ngroups: int, headdim: int, d_state: int, chunk_size: int,
     ) -> T:  # fmt: skip
-        return x.like()
+        return _outputs("EdgeseqSSDChunkScan", dict(heads=heads, headdim=headdim, d_state=d_state), x=x)
 
     @trtp.aot_impl(f"{ns}::EdgeseqSSDChunkScan")
     def chunk_scan_aot(
@@ -75,8 +79,8 @@ def define(cc: int) -> None:
         xBC: T, dt: T, conv_state: T, conv_weight: T, conv_bias: T, dt_bias: T, A: T, D: T, ssm_state: T,
         heads: int, ngroups: int, headdim: int, d_state: int, d_conv: int, dt_min: float, dt_max: float,
     ) -> tuple[T, T, T]:  # fmt: skip
-        y = trtp.from_shape_expr((xBC.shape_expr[0], heads, headdim), dtype=trt.float32)
-        return y, conv_state.like(), ssm_state.like()
+        attrs = dict(heads=heads, headdim=headdim, d_state=d_state)
+        return _outputs("EdgeseqSSDStep", attrs, xBC=xBC, conv_state=conv_state, ssm_state=ssm_state)
 
     @trtp.aot_impl(f"{ns}::EdgeseqSSDStep")
     def step_aot(

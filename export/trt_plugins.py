@@ -73,6 +73,20 @@ def plugin_dims(attrs: dict):
     )  # fmt: skip
 
 
+def output_shapes(op: str, shapes: dict, attrs: dict, cdiv=lambda a, b: -(-a // b)) -> list:
+    """A plugin's output shapes from its inputs' (``shapes`` by contract name): int tuples, or
+    TensorRT's symbolic shapes with ``cdiv=tensorrt.plugin.cdiv`` (an output shaped like an
+    input is that input's shape, as given)."""
+    h, p, n = attrs["heads"], attrs["headdim"], attrs["d_state"]
+    if op == "EdgeseqSSDChunkState":
+        b, q = shapes["x"][0], attrs["chunk_size"]
+        c = cdiv(shapes["x"][1], q)
+        return [(b, h, c * q), (b, c, h, n, p), shapes["state"]]
+    if op == "EdgeseqSSDChunkScan":
+        return [shapes["x"]]
+    return [(shapes["xBC"][0], h, p), shapes["conv_state"], shapes["ssm_state"]]
+
+
 def compute_capability_of(text: str) -> int:
     """ "8.7" -> 87 (a target profile's compute_capability)."""
     major, minor = text.split(".")

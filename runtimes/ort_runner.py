@@ -74,10 +74,7 @@ class OnnxRuntimeRunner(Runner):
         if self.plugins:
             from edgeseq.runtimes import plugin_ops
 
-            plugin_ops.bind(self.plugins)
-            options.register_custom_ops_library(plugin_ops.library_path())
-            # the ops' Python bodies run torch: onnxruntime's spinning workers would take their cores
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            plugin_ops.configure(options, self.plugins)
         try:
             self._session = ort.InferenceSession(self.source, sess_options=options, providers=self.providers_requested)
         except Exception as error:  # onnxruntime's own exception types; report one line

@@ -1,7 +1,8 @@
 """The ``tensorrt`` flavor's plugin nodes as onnxruntime custom ops, without TensorRT.
 
-onnxruntime-extensions (the optional ``plugins`` extra) runs a custom-domain node through
-a Python function. ``bind(backend)`` registers one per plugin of
+onnxruntime-extensions (in the ``export`` extra) runs a custom-domain node through a
+Python function. ``configure(options, backend)`` readies a session for such graphs and
+``bind(backend)`` registers one function per plugin of
 ``edgeseq.export.trt_plugins.PLUGINS``:
 
 - ``"reference"``: the kernels' pure-torch twins, on the CPU;
@@ -26,16 +27,21 @@ from __future__ import annotations
 import numpy as np
 
 from edgeseq.errors import RuntimeUnavailableError
-from edgeseq.export.trt_plugins import DOMAIN, PLUGINS, plugin_dims
+from edgeseq.export.trt_plugins import DOMAIN, PLUGINS, output_shapes, plugin_dims
 
 BACKENDS = ("reference", "kernels")
 _state: dict[str, object] = {"backend": None, "error": None, "registered": False}
 _ours: dict[int, object] = {}  # onnxruntime-extensions' op id -> its Opdef, for the output hook
 
 
-def library_path() -> str:
-    """onnxruntime-extensions' custom-op library, for ``SessionOptions.register_custom_ops_library``."""
-    return _extensions().get_library_path()
+def configure(options, backend: str):
+    """``options`` (onnxruntime SessionOptions) made ready for plugin-node graphs whose nodes
+    run on ``backend``: the custom-op library registered, the ops bound, and onnxruntime's
+    worker threads not spinning (the ops' bodies run torch and need those cores). Returns it."""
+    bind(backend)
+    options.register_custom_ops_library(_extensions().get_library_path())
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def _extensions():
@@ -43,7 +49,7 @@ def _extensions():
         import onnxruntime_extensions
     except ImportError:
         raise RuntimeUnavailableError(
-            "running plugin nodes in onnxruntime needs onnxruntime-extensions; pip install 'edgeseq[plugins]'"
+            "running plugin nodes in onnxruntime needs onnxruntime-extensions; pip install 'edgeseq[export]'"
         ) from None
     return onnxruntime_extensions
 
@@ -106,8 +112,11 @@ def _guarded(op: str):
 
     def body(*inputs: np.ndarray, **attrs):
         try:
-            run = _KERNELS[op] if _state["backend"] == "kernels" else _REFERENCE[op]
-            return tuple(np.ascontiguousarray(o, dtype=np.float32) for o in run(*inputs, **attrs))
+            if _state["backend"] == "kernels":
+                outputs = _launch_plugin(op, *inputs, **attrs)
+            else:
+                outputs = _REFERENCE[op](*inputs, **attrs)
+            return tuple(np.ascontiguousarray(o, dtype=np.float32) for o in outputs)
         except BaseException as error:  # noqa: BLE001  (an escaping exception would end the process)
             _state["error"] = _state["error"] or error
             return tuple(np.zeros(0, np.float32) for _ in range(n_out))
@@ -148,40 +157,22 @@ _REFERENCE = {"EdgeseqSSDChunkState": _ref_chunk_state, "EdgeseqSSDChunkScan": _
 
 
 # ---- kernels: the plugin's PTX through the CUDA driver ----------------------------------
-def _launch_plugin(op: str, attrs: dict, inputs: list[np.ndarray], output_shapes: list[tuple[int, ...]], batch, seqlen=None):
+def _launch_plugin(op: str, *inputs: np.ndarray, **attrs):
+    """The plugin's PTX on this GPU, with the plugin's grid and argument order."""
     import torch
 
     from edgeseq.kernels import aot
 
-    dims = plugin_dims(attrs)
+    spec, dims = PLUGINS[op], plugin_dims(attrs)
     major, minor = torch.cuda.get_device_capability()
-    kernel = aot.compile_entry(PLUGINS[op].kind, dims, 10 * major + minor)
+    kernel = aot.compile_entry(spec.kind, dims, 10 * major + minor)
+    shapes = dict(zip(spec.inputs, (a.shape for a in inputs)))
+    batch, seqlen = (shapes["xBC"][0], None) if spec.kind == "step" else shapes["x"][:2]
     device_in = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).cuda() for a in inputs]
-    device_out = [torch.zeros(s, dtype=torch.float32, device="cuda") for s in output_shapes]
+    device_out = [torch.zeros(s, dtype=torch.float32, device="cuda") for s in output_shapes(op, shapes, attrs)]
     aot.launch(
         kernel, aot.launch_grid(kernel, dims, batch, seqlen), [t.data_ptr() for t in device_in],
         [] if seqlen is None else [seqlen], [t.data_ptr() for t in device_out], torch.cuda.current_stream().cuda_stream,
     )  # fmt: skip
     torch.cuda.synchronize()
     return [t.cpu().numpy() for t in device_out]
-
-
-def _gpu_chunk_state(x, dt, A, B, state, **attrs):
-    b, t, h, p = x.shape
-    q = int(attrs["chunk_size"])
-    c = -(-t // q)
-    shapes = [(b, h, c * q), (b, c, h, state.shape[2], p), state.shape]
-    return _launch_plugin("EdgeseqSSDChunkState", attrs, [x, dt, A, B, state], shapes, b, t)
-
-
-def _gpu_chunk_scan(x, dt, B, C, states, a_cum, D, **attrs):
-    return _launch_plugin("EdgeseqSSDChunkScan", attrs, [x, dt, B, C, states, a_cum, D], [x.shape], x.shape[0], x.shape[1])
-
-
-def _gpu_step(xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A, D, ssm_state, **attrs):
-    b, h, n, p = ssm_state.shape
-    inputs = [xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A, D, ssm_state]
-    return _launch_plugin("EdgeseqSSDStep", attrs, inputs, [(b, h, p), conv_state.shape, ssm_state.shape], b)
-
-
-_KERNELS = {"EdgeseqSSDChunkState": _gpu_chunk_state, "EdgeseqSSDChunkScan": _gpu_chunk_scan, "EdgeseqSSDStep": _gpu_step}

@@ -14,6 +14,7 @@ work included), after 20 warm-up tokens. The transformers row names the path it 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -77,8 +78,7 @@ def transformers_row(model, batch: int, prompt) -> tuple[str, float, float]:
     from transformers import Mamba2ForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(model.float().cpu(), Path(tmp) / "hf", format="hf")
-        model.to(device="cuda", dtype=torch.bfloat16)
+        save_checkpoint(copy.deepcopy(model).float().cpu(), Path(tmp) / "hf", format="hf")
         hf = Mamba2ForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.bfloat16).cuda().eval()
     fast = all(importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d"))
     path = "mamba_ssm + causal_conv1d kernels" if fast else "PyTorch fallbacks (mamba_ssm, causal_conv1d not installed)"

@@ -29,8 +29,7 @@ def session(model_proto: onnx.ModelProto, flavor: str = "portable", plugins: str
     (or, with plugins="kernels", the plugins' PTX on the GPU)."""
     options = ort.SessionOptions()
     if flavor == "tensorrt":
-        plugin_ops.bind(plugins)
-        options.register_custom_ops_library(plugin_ops.library_path())
+        plugin_ops.configure(options, plugins)
     return ort.InferenceSession(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -34,8 +34,7 @@ def session(proto: onnx.ModelProto):
     """A CPU session; plugin nodes (the tensorrt flavor) run the kernels' twins."""
     options = ort.SessionOptions()
     if any(n.domain == "edgeseq.trt" for n in proto.graph.node):
-        plugin_ops.bind("reference")
-        options.register_custom_ops_library(plugin_ops.library_path())
+        plugin_ops.configure(options, "reference")
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

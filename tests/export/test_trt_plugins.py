@@ -218,3 +218,27 @@ def test_plugin_ptx_through_the_driver_matches_the_reference(case):
     y, conv, ssm = run("step", step_in, [(b, h, p), (b, conv_dim, 3), (b, h, n, p)], [], b)
     for got, want, name in zip((y, conv, ssm), ssd_step_ref(*step_in, g, 0.001, 3.0), ("y", "conv state", "ssm state")):
         assert_rel(got, want, 1e-5, f"step {name}")
+
+
+def test_declared_output_shapes_are_what_the_twins_produce():
+    """trt_plugins.output_shapes (what the TensorRT definitions declare and the GPU binding
+    allocates) against the kernels' twins on random inputs, a length that is not whole chunks."""
+    from edgeseq.export.trt_plugins import output_shapes
+    from edgeseq.kernels.ssd_scan import ssd_chunk_scan_ref
+    from edgeseq.kernels.ssd_states import ssd_chunk_state_ref
+    from edgeseq.kernels.ssd_step import ssd_step_ref
+
+    b, t, h, g, p, n, q, k = 2, 37, 4, 2, 8, 16, 16, 4
+    attrs = dict(heads=h, ngroups=g, headdim=p, d_state=n, chunk_size=q)
+    x, dt, A, B, C, D, s0 = _scan_case(torch.Generator().manual_seed(3), b, t, h, g, p, n, device="cpu")
+    state_outs = ssd_chunk_state_ref(x, dt, A, B, q, s0)
+    shapes = {"x": tuple(x.shape), "state": tuple(s0.shape)}
+    assert [tuple(o.shape) for o in state_outs] == output_shapes("EdgeseqSSDChunkState", shapes, attrs)
+    y = ssd_chunk_scan_ref(x, dt, B, C, state_outs[1], state_outs[0], D, q)
+    assert [tuple(y.shape)] == output_shapes("EdgeseqSSDChunkScan", shapes, attrs)
+    conv = h * p + 2 * g * n
+    step_in = [torch.randn(b, conv), torch.randn(b, h), torch.randn(b, conv, k - 1), torch.randn(conv, k),
+               torch.randn(conv), torch.randn(h), A, D, s0]  # fmt: skip
+    shapes = {"xBC": (b, conv), "conv_state": (b, conv, k - 1), "ssm_state": tuple(s0.shape)}
+    got = [tuple(o.shape) for o in ssd_step_ref(*step_in, g)]
+    assert got == output_shapes("EdgeseqSSDStep", shapes, attrs)
