@@ -4,8 +4,10 @@ Data flows one way: checkpoint -> family loader -> config + nested model -> extr
 -> quantize -> export -> runner -> validate -> bundle.
 """
 
-from edgeseq.config import AttentionParams, LayerSpec, Mamba2Params, ModelConfig
+from edgeseq.config import LayerSpec, ModelConfig
 from edgeseq.errors import CheckpointError, ConfigError, EdgeseqError, WidthError
+from edgeseq.kinds.attention import AttentionParams
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.width import WidthSpec
 
 __version__ = "0.1.0"

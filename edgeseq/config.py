@@ -1,112 +1,179 @@
 """Model configuration: frozen dataclasses with a JSON round trip.
 
-A config describes one model at one set of widths. The full nested model leaves the
-per-layer sizes (``LayerSpec.heads``, ``LayerSpec.d_mlp``) unset; an extracted submodel
-sets them, so every layer can have its own width (Mix'n'Match).
+A config describes one model at one set of widths. Each layer is a block: mixers applied
+in parallel to its normed input, then an optional MLP (``LayerSpec``). What a mixer or MLP
+is — its model-level section (``mamba``, ``attention``, ``d_mlp``, ...), its per-layer
+options and sizes — belongs to its layer kind (``edgeseq.kinds``); this module only
+routes values to the kinds and checks the model-level fields.
+
+The full nested model leaves the per-layer sizes unset; an extracted submodel sets them
+(``LayerSpec.sizes``), so every layer can have its own width (Mix'n'Match).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from edgeseq.errors import ConfigError
+from edgeseq.kinds import DEFAULT_MLP, KINDS, by_section, get_kind, positive
 
-MIXERS = ("mamba2", "attention")
-
-
-@dataclass(frozen=True)
-class Mamba2Params:
-    d_state: int = 64  # N: state size per head, also the width of B and C per group
-    headdim: int = 32  # P: channels per head; one head is the unit of nesting
-    ngroups: int = 1  # G: B/C groups, each shared by n_heads / G heads
-    expand: float = 2.0  # d_inner = expand * d_model at full width
-    d_conv: int = 4  # kernel of the causal depthwise conv over x, B and C
-    chunk_size: int = 64  # SSD chunk length for prefill; any sequence length is allowed
-    dt_min: float = 0.001  # dt initialisation range (training only)
-    dt_max: float = 0.1
-    dt_limit: tuple[float, float] = (0.0, math.inf)  # clamp of softplus(dt + dt_bias)
-    conv_bias: bool = True  # conv1d carries a bias (mamba_ssm and HF default)
-    proj_bias: bool = False  # in_proj/out_proj carry biases
-
-    def n_heads(self, d_model: int) -> int:
-        return _whole(self.expand * d_model / self.headdim, "mamba.expand * d_model / headdim")
-
-
-@dataclass(frozen=True)
-class AttentionParams:
-    n_heads: int = 4  # query heads at full width
-    n_kv_heads: int = 4  # key/value heads; nesting keeps whole kv groups
-    head_dim: int = 64
-    rope_theta: float = 10000.0
-    rope_fraction: float = 1.0  # leading fraction of head_dim that is rotated (Bamba: 0.5)
-    max_context: int = 4096  # ring size of a global layer's cache: its longest stream
-    qkv_bias: bool = False
-    out_bias: bool = False
-
-    @property
-    def q_per_kv(self) -> int:
-        return self.n_heads // self.n_kv_heads
+TOP_LEVEL = ("d_model", "n_layer", "vocab_size", "layers", "tie_embeddings", "norm_eps", "nested_widths", "nested_kinds")
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    mixer: str  # "mamba2" or "attention"
-    mlp: bool = False  # a gated MLP after the mixer (own pre-norm)
-    window: int | None = None  # attention: sliding window of W tokens; None = global
-    heads: int | None = None  # kept mamba2 heads / attention query heads; None = all
-    d_mlp: int | None = None  # kept MLP hidden units; None = ModelConfig.d_mlp
+    mixers: tuple[str, ...]  # kinds applied in parallel to the block's normed input, outputs summed
+    mlp: str | None = None  # the MLP kind after the mixers (own pre-norm); None: no MLP
+    options: tuple[tuple[str, Any], ...] = ()  # per-layer options of its kinds, e.g. (("window", 256),)
+    sizes: tuple[tuple[str, int], ...] = ()  # kept size per kind of an extracted layer; unset = full
+
+    @classmethod
+    def of(cls, *mixers: str, mlp: str | bool | None = None, sizes: dict[str, int] | None = None,
+           **options: Any) -> LayerSpec:
+        """``LayerSpec.of("attention", mlp=True, window=256)``; ``mlp=True`` is the default MLP kind."""
+        mlp = DEFAULT_MLP if mlp is True else (mlp or None)
+        opts = tuple(sorted((k, v) for k, v in options.items() if v is not None))
+        return cls(tuple(mixers), mlp, opts, tuple(sorted((sizes or {}).items())))
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return self.mixers + ((self.mlp,) if self.mlp else ())
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+    def options_dict(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def size(self, kind: str) -> int | None:
+        return dict(self.sizes).get(kind)
+
+    def prefix(self, kind: str) -> str:
+        """Where the part's weights live in the block: ``mixer`` (the one mixer), ``mixers.<kind>``
+        (parallel mixers) or ``mlp``; checkpoint keys are ``layers.{i}.<prefix>.<name>``."""
+        if kind == self.mlp:
+            return "mlp"
+        return "mixer" if len(self.mixers) == 1 else f"mixers.{kind}"
+
+    def with_sizes(self, sizes: dict[str, int]) -> LayerSpec:
+        return LayerSpec(self.mixers, self.mlp, self.options, tuple(sorted(sizes.items())))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"mixers": list(self.mixers), "mlp": self.mlp, **self.options_dict()}
+        if self.sizes:
+            d["sizes"] = dict(self.sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> LayerSpec:
+        """A layer as config.json writes it, or in the single-mixer form of earlier versions
+        (``{"mixer": "attention", "mlp": true, "window": 6, "heads": 4, "d_mlp": 24}``)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where} must be a JSON object")
+        d = dict(d)
+        if "mixer" in d:  # the single-mixer form: sizes under each kind's size key
+            mixers = [d.pop("mixer")]
+        else:
+            mixers = d.pop("mixers", None)
+        if not isinstance(mixers, list) or not all(isinstance(m, str) for m in mixers):
+            raise ConfigError(f"{where} needs 'mixers', a list of layer kinds (known: {', '.join(sorted(KINDS))})")
+        mlp = d.pop("mlp", None)
+        mlp = DEFAULT_MLP if mlp is True else (mlp or None)
+        sizes = d.pop("sizes", {}) or {}
+        if not isinstance(sizes, dict):
+            raise ConfigError(f"{where}.sizes must map layer kinds to sizes")
+        for kind in [*mixers, *([mlp] if isinstance(mlp, str) else [])]:
+            key = get_kind(kind).size_key if kind in KINDS else None
+            if key in d and key not in _options_of([*mixers, mlp]):
+                sizes[kind] = d.pop(key)
+        return cls.of(*mixers, mlp=mlp, sizes=sizes, **d)
 
 
-@dataclass(frozen=True)
+def _options_of(parts: list[str | None]) -> set[str]:
+    return {o for p in parts if p in KINDS for o in get_kind(p).layer_options}
+
+
+@dataclass(frozen=True, init=False)
 class ModelConfig:
     d_model: int
     n_layer: int
     vocab_size: int
     layers: tuple[LayerSpec, ...]
-    mamba: Mamba2Params = field(default_factory=Mamba2Params)
-    attention: AttentionParams | None = None  # required when any layer is attention
-    d_mlp: int = 0  # gated MLP hidden size at full width
-    tie_embeddings: bool = True  # lm_head shares the embedding matrix
-    norm_eps: float = 1e-5
-    nested_widths: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)  # trained granularities
+    sections: tuple[tuple[str, Any], ...]  # the kinds' model-level params: ("mamba", Mamba2Params(...)), ...
+    tie_embeddings: bool  # lm_head shares the embedding matrix
+    norm_eps: float
+    nested_widths: tuple[float, ...]  # trained granularities
+    nested_kinds: tuple[str, ...] | None  # kinds trained nested; None: every kind (edgeseq's own models)
 
-    def __post_init__(self) -> None:
+    def __init__(self, d_model: int, n_layer: int, vocab_size: int, layers: tuple[LayerSpec, ...], *,
+                 tie_embeddings: bool = True, norm_eps: float = 1e-5,
+                 nested_widths: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125), nested_kinds: tuple[str, ...] | None = None,
+                 sections: tuple[tuple[str, Any], ...] = (), **by_name: Any):  # fmt: skip
+        """Kind sections are keyword arguments by section name (``mamba=Mamba2Params(...)``)."""
+        merged = dict(sections) | by_name
+        unknown = sorted(k for k in merged if by_section(k) is None)
+        if unknown:
+            known = sorted(k.section for k in KINDS.values() if k.section)
+            raise ConfigError(f"config has unknown keys {unknown}; known keys are {sorted([*TOP_LEVEL, *known])}")
+        values = dict(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size, layers=tuple(layers),
+                      tie_embeddings=tie_embeddings, norm_eps=norm_eps, nested_widths=tuple(nested_widths),
+                      nested_kinds=None if nested_kinds is None else tuple(nested_kinds))  # fmt: skip
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        for spec in self.layers:  # a used kind without a section gets its default (or refuses)
+            for part in spec.parts:
+                kind = get_kind(part)
+                if kind.section and kind.section not in merged:
+                    merged[kind.section] = kind.default_section()
+        object.__setattr__(self, "sections", tuple(sorted(merged.items())))
         _validate(self)
 
+    def __getattr__(self, name: str) -> Any:
+        """A kind's section by its name (``config.mamba``); None when a known section is absent."""
+        if name.startswith("_") or name == "sections":
+            raise AttributeError(name)
+        for key, value in self.sections:
+            if key == name:
+                return value
+        if by_section(name) is not None:
+            return None
+        raise AttributeError(f"ModelConfig has no field or section {name!r}")
+
     # ---- per-layer sizes -------------------------------------------------------------
-    def mamba_heads_full(self) -> int:
-        return self.mamba.n_heads(self.d_model)
-
-    def layer_heads(self, i: int) -> int:
-        """Heads of layer i as stored: mamba2 heads or attention query heads."""
-        spec = self.layers[i]
-        if spec.heads is not None:
-            return spec.heads
-        if spec.mixer == "mamba2":
-            return self.mamba_heads_full()
-        return self.attention.n_heads
-
-    def layer_d_mlp(self, i: int) -> int:
-        spec = self.layers[i]
-        if not spec.mlp:
-            return 0
-        return self.d_mlp if spec.d_mlp is None else spec.d_mlp
+    def part_size(self, i: int, kind: str) -> int:
+        """Size of layer i's part of ``kind`` as stored (heads, hidden units, ...)."""
+        stored = self.layers[i].size(kind)
+        return stored if stored is not None else get_kind(kind).full_size(self, i)
 
     def is_nested_full(self) -> bool:
-        return all(s.heads is None and s.d_mlp is None for s in self.layers)
+        return all(not s.sizes for s in self.layers)
 
-    # ---- JSON ----------------------------------------------------------------------------
+    def is_nested(self, kind: str) -> bool:
+        return self.nested_kinds is None or kind in self.nested_kinds
+
+    def stream_limit(self) -> int | None:
+        """Longest stream the model takes (a global attention cache); None if unbounded."""
+        limits = [get_kind(k).stream_limit(self, i) for i, s in enumerate(self.layers) for k in s.parts]
+        limits = [n for n in limits if n is not None]
+        return min(limits) if limits else None
+
+    def uses_position(self) -> bool:
+        return any(get_kind(k).uses_position(self, i) for i, s in enumerate(self.layers) for k in s.parts)
+
+    # ---- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        lo, hi = self.mamba.dt_limit
-        d["mamba"]["dt_limit"] = [lo, None if math.isinf(hi) else hi]
-        d["layers"] = [{k: v for k, v in layer.items() if v is not None} for layer in d["layers"]]
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sections"}
+        d["layers"] = [spec.to_dict() for spec in self.layers]
         d["nested_widths"] = list(self.nested_widths)
+        if self.nested_kinds is None:
+            del d["nested_kinds"]
+        else:
+            d["nested_kinds"] = list(self.nested_kinds)
+        for key, value in self.sections:
+            d[key] = by_section(key).section_to_json(value)
         return d
 
     def to_json(self) -> str:
@@ -117,28 +184,23 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError("config must be a JSON object; regenerate config.json")
         d = dict(d)
-        _check_keys("config", d, cls)
-        mamba = dict(d.pop("mamba", {}) or {})
-        _check_keys("config.mamba", mamba, Mamba2Params)
-        if "dt_limit" in mamba:
-            lo, hi = mamba["dt_limit"]
-            mamba["dt_limit"] = (float(lo), math.inf if hi is None else float(hi))
-        attn = d.pop("attention", None)
-        if attn is not None:
-            _check_keys("config.attention", attn, AttentionParams)
         layers = d.pop("layers", None)
         if not isinstance(layers, list):
             raise ConfigError("config.layers must be a list of layer specs, one per layer")
-        for j, layer in enumerate(layers):
-            _check_keys(f"config.layers[{j}]", layer, LayerSpec)
+        specs = tuple(LayerSpec.from_dict(layer, f"config.layers[{j}]") for j, layer in enumerate(layers))
+        sections = {}
+        for key in [k for k in d if k not in TOP_LEVEL]:
+            kind = by_section(key)
+            if kind is None:
+                known = sorted([*TOP_LEVEL, *(k.section for k in KINDS.values() if k.section)])
+                raise ConfigError(f"config has unknown keys {[key]}; known keys are {known}")
+            sections[key] = kind.parse_section(d.pop(key))
+        if "nested_widths" in d:
+            d["nested_widths"] = tuple(d["nested_widths"])
+        else:
+            d["nested_widths"] = (1.0,)
         try:
-            return cls(
-                layers=tuple(LayerSpec(**layer) for layer in layers),
-                mamba=Mamba2Params(**mamba),
-                attention=AttentionParams(**attn) if attn is not None else None,
-                nested_widths=tuple(d.pop("nested_widths", (1.0,))),
-                **d,
-            )
+            return cls(layers=specs, **d, **sections)
         except TypeError as e:  # a required field is missing
             raise ConfigError(f"config is incomplete ({e}); add the missing field") from None
 
@@ -158,98 +220,76 @@ class ModelConfig:
 
     @classmethod
     def from_pattern(cls, pattern: str, **kwargs: Any) -> ModelConfig:
-        """Build from a layer pattern: 'M' mamba2, 'A' global attention, 'S' sliding window
-        attention (window ``kwargs.pop('window')``); a trailing '+' adds a gated MLP."""
-        window = kwargs.pop("window", None)
+        """Build from a layer pattern: a letter per mixer ('M' mamba2, 'A' global attention,
+        'S' sliding-window attention; ``LayerKind.letters``), parallel mixers joined by '|'
+        ('A|M'), a trailing '+' for the default MLP. Per-layer options a letter asks for
+        (the window of 'S') come from ``kwargs``."""
+        letters = {letter: (kind, wants) for kind in KINDS.values() for letter, wants in kind.letters.items()}
+        option_names = {o for kind in KINDS.values() for o in kind.layer_options}
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in option_names}
         layers = []
         for token in pattern.split():
-            mixer = {"M": "mamba2", "A": "attention", "S": "attention"}[token[0]]
-            layers.append(LayerSpec(mixer, mlp=token.endswith("+"), window=window if token[0] == "S" else None))
+            mlp = token.endswith("+")
+            mixers, chosen = [], {}
+            for letter in token.rstrip("+").split("|"):
+                if letter not in letters:
+                    raise ConfigError(f"pattern letter {letter!r} is unknown; use one of {sorted(letters)}")
+                kind, wants = letters[letter]
+                mixers.append(kind.name)
+                chosen |= {k: options.get(k) if v is not None else None for k, v in wants.items()}
+            layers.append(LayerSpec.of(*mixers, mlp=mlp, **chosen))
         return cls(layers=tuple(layers), n_layer=len(layers), **kwargs)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        sections = dict(current.pop("sections"))
+        for key in [k for k in changes if by_section(k) is not None]:
+            sections[key] = changes.pop(key)
+        return ModelConfig(**(current | changes), **sections)
 
 
 # ---- validation ------------------------------------------------------------------------
-def _whole(x: float, what: str) -> int:
-    n = round(x)
-    if abs(x - n) > 1e-6 or n < 1:
-        raise ConfigError(f"{what} must be a whole number ≥ 1 (got {x:g}); adjust the config")
-    return n
-
-
-def _check_keys(where: str, d: Any, cls: type) -> None:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where} must be a JSON object")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{where} has unknown keys {unknown}; known keys are {sorted(known)}")
-
-
-def _positive(where: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value >= 1)
-    if not ok:
-        bound = "≥ 0" if allow_zero else "≥ 1"
-        raise ConfigError(f"{where} must be an integer {bound} (got {value!r})")
-
-
 def _validate(c: ModelConfig) -> None:
     for name in ("d_model", "n_layer", "vocab_size"):
-        _positive(f"config.{name}", getattr(c, name))
-    _positive("config.d_mlp", c.d_mlp, allow_zero=True)
+        positive(f"config.{name}", getattr(c, name))
     if not (isinstance(c.norm_eps, float | int) and 0 < c.norm_eps < 1):
         raise ConfigError(f"config.norm_eps must be in (0, 1) (got {c.norm_eps!r})")
     if len(c.layers) != c.n_layer:
         raise ConfigError(f"config.layers has {len(c.layers)} entries but n_layer is {c.n_layer}; make them agree")
     if not c.nested_widths or any(not (0 < w <= 1) for w in c.nested_widths):
         raise ConfigError(f"config.nested_widths must be fractions in (0, 1] (got {list(c.nested_widths)})")
-    m = c.mamba
-    for name in ("d_state", "headdim", "ngroups", "d_conv", "chunk_size"):
-        _positive(f"config.mamba.{name}", getattr(m, name))
-    if not (m.dt_limit[0] >= 0 and m.dt_limit[1] > m.dt_limit[0]):
-        raise ConfigError(f"config.mamba.dt_limit must satisfy 0 ≤ low < high (got {m.dt_limit})")
-    kinds = {s.mixer for s in c.layers}
-    if not kinds <= set(MIXERS):
-        raise ConfigError(f"config.layers: unknown mixer {sorted(kinds - set(MIXERS))}; use one of {list(MIXERS)}")
-    if "mamba2" in kinds:
-        heads = m.n_heads(c.d_model)
-        if heads % m.ngroups:
-            raise ConfigError(f"mamba2 heads ({heads}) must be a multiple of config.mamba.ngroups ({m.ngroups})")
-    if "attention" in kinds:
-        a = c.attention
-        if a is None:
-            raise ConfigError("config has attention layers but no config.attention section; add one")
-        for name in ("n_heads", "n_kv_heads", "head_dim", "max_context"):
-            _positive(f"config.attention.{name}", getattr(a, name))
-        if a.n_heads % a.n_kv_heads:
-            raise ConfigError(f"config.attention.n_heads ({a.n_heads}) must be a multiple of n_kv_heads ({a.n_kv_heads})")
-        rot = a.head_dim * a.rope_fraction
-        if not (0 <= a.rope_fraction <= 1) or abs(rot - round(rot)) > 1e-6 or round(rot) % 2:
-            raise ConfigError("config.attention.rope_fraction * head_dim must be an even whole number")
-    for i, s in enumerate(c.layers):
-        _validate_layer(c, i, s)
+    if c.nested_kinds is not None:
+        for name in c.nested_kinds:
+            get_kind(name)
+    for key, value in c.sections:
+        by_section(key).check_section(value)
+    for i, spec in enumerate(c.layers):
+        _validate_layer(c, i, spec)
 
 
-def _validate_layer(c: ModelConfig, i: int, s: LayerSpec) -> None:
+def _validate_layer(c: ModelConfig, i: int, spec: LayerSpec) -> None:
     where = f"config.layers[{i}]"
-    if s.mlp and c.d_mlp == 0 and s.d_mlp is None:
-        raise ConfigError(f"{where} has an MLP but config.d_mlp is 0; set d_mlp")
-    if s.d_mlp is not None:
-        _positive(f"{where}.d_mlp", s.d_mlp)
-    if s.window is not None:
-        _positive(f"{where}.window", s.window)
-        if s.mixer != "attention":
-            raise ConfigError(f"{where}.window is set on a {s.mixer} layer; only attention layers have windows")
-    if s.heads is None:
-        return
-    _positive(f"{where}.heads", s.heads)
-    if s.mixer == "mamba2":
-        full = c.mamba.n_heads(c.d_model)
-        if s.heads > full or s.heads % c.mamba.ngroups:
-            raise ConfigError(f"{where}.heads ({s.heads}) must be ≤ {full} and a multiple of ngroups ({c.mamba.ngroups})")
-    else:
-        a = c.attention
-        if s.heads > a.n_heads or s.heads % a.q_per_kv:
-            raise ConfigError(f"{where}.heads ({s.heads}) must be ≤ {a.n_heads} and a multiple of {a.q_per_kv}")
+    if not spec.parts:
+        raise ConfigError(f"{where} has neither a mixer nor an MLP; give it at least one")
+    if len(set(spec.parts)) != len(spec.parts):
+        raise ConfigError(f"{where} uses a layer kind twice ({list(spec.parts)}); each kind once per layer")
+    for role, names in (("mixer", spec.mixers), ("mlp", (spec.mlp,) if spec.mlp else ())):
+        for name in names:
+            if get_kind(name).role != role:
+                raise ConfigError(f"{where}: {name!r} is a {get_kind(name).role}, not a {role}; move it")
+    allowed = _options_of(list(spec.parts))
+    for option in spec.options_dict():
+        if option not in allowed:
+            raise ConfigError(f"{where}.{option} is set, but none of its kinds {list(spec.parts)} reads it; remove it")
+    for kind, size in spec.sizes:
+        if kind not in spec.parts:
+            raise ConfigError(f"{where}.sizes names {kind!r}, which the layer does not have")
+        positive(f"{where}.sizes.{kind}", size)
+    state: set[str] = set()
+    for part in spec.parts:
+        kind = get_kind(part)
+        kind.check_layer(c, i)
+        names = set(kind.state_shapes(c, i, c.part_size(i, part)))
+        if names & state:
+            raise ConfigError(f"{where}: two of its mixers keep state named {sorted(names & state)}; they cannot share a layer")
+        state |= names

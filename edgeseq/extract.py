@@ -1,13 +1,11 @@
 """Materialise a standalone submodel from a nested one.
 
-``extract(model, spec)`` slices every weight through ``edgeseq.nesting`` (the maps the
-model itself uses when run at a width), so the extracted model's logits equal the full
+``extract(model, spec)`` slices every weight through its layer kind's ``weight_index``
+(the maps the model itself uses when run at a width), so the extracted model's logits equal the full
 model's logits at that width up to floating-point rounding.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 
@@ -23,10 +21,7 @@ def extracted_config(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> Mod
     The trained granularities that fit inside the submodel carry over, as fractions of
     the submodel: a half-width model of a (1, 1/2, 1/4) model is nested at (1, 1/2).
     """
-    layers = tuple(
-        replace(spec_i, heads=w.heads, d_mlp=w.d_mlp if spec_i.mlp else None)
-        for spec_i, w in zip(config.layers, widths)
-    )
+    layers = tuple(spec_i.with_sizes(w.to_dict()) for spec_i, w in zip(config.layers, widths))
     sub = config.replace(layers=layers, nested_widths=(1.0,))
     return sub.replace(nested_widths=_carried_widths(config, sub))
 
@@ -41,8 +36,7 @@ def _carried_widths(config: ModelConfig, sub: ModelConfig) -> tuple[float, ...]:
             want = resolve(config, w)
         except WidthError:
             continue
-        ratios = {round(a.heads / b.heads, 6) for a, b in zip(want, kept)}
-        ratios |= {round(a.d_mlp / b.d_mlp, 6) for a, b in zip(want, kept) if b.d_mlp}
+        ratios = {round(a[k] / b[k], 6) for a, b in zip(want, kept) for k, _ in b.sizes if b[k]}
         for r in sorted(ratios):
             if not 0 < r <= 1:
                 continue

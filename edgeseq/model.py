@@ -1,9 +1,11 @@
 """The nested language model: embedding -> blocks -> final norm -> head.
 
-Each block is pre-norm residual: h += mixer(norm(h)), then, if the layer has one,
-h += mlp(mlp_norm(h)). A mixer is Mamba2 (SSD) or attention over a ring-buffer cache.
-The model runs at any width spec directly: weights are sliced on the fly through
-``edgeseq.nesting``, the same maps ``extract`` uses to materialise a smaller model.
+Each block is pre-norm residual: h += sum of its mixers(norm(h)) (one mixer for every
+model so far, parallel ones for Falcon-H1-style blocks), then, if the layer has one,
+h += mlp(mlp_norm(h)). What a mixer or MLP computes is its layer kind's module
+(``edgeseq.kinds``): Mamba2 (SSD), attention over a ring-buffer cache, gated MLP. The
+model runs at any width spec directly: each part's weights are sliced on the fly through
+its kind's ``weight_index``, the same maps ``extract`` uses to materialise a smaller model.
 
 Weight names (``embedding.weight``, ``layers.{i}.mixer.in_proj.weight``, ...) are the
 native checkpoint keys; checkpoint families rename into them.
@@ -12,15 +14,12 @@ Departures from upstream Mamba2 (mamba_ssm, HF): none in the math. The residual 
 kept in the parameters' dtype (no separate fp32 residual); the scan, norms and state run
 in fp32 (fp64 for an fp64 model).
 
-``NestedLM.use_kernels()`` routes the Mamba2 scan and step through the custom ops
-``torch.ops.edgeseq.ssd_scan`` / ``ssd_step`` (Triton on CUDA, the ``_ref`` twins
-elsewhere); a bf16/fp16 model then feeds the scan X, B and C in its own dtype, with the
-state still fp32. Off by default: validation compares against the pure reference.
+``NestedLM.use_kernels()`` routes the parts that have kernels (Mamba2's scan and step)
+through the custom ops ``torch.ops.edgeseq.*`` (Triton on CUDA, the ``_ref`` twins
+elsewhere). Off by default: validation compares against the pure reference.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -28,20 +27,9 @@ from torch import Tensor, nn
 
 from edgeseq.config import ModelConfig
 from edgeseq.errors import ConfigError
-from edgeseq.nesting import attention_index, mamba2_index, slice_attention, slice_mamba2, slice_mlp
-from edgeseq.reference import (
-    attention_prefill_ref,
-    attention_step_ref,
-    causal_conv1d_ref,
-    causal_conv1d_step_ref,
-    gated_mlp_ref,
-    gated_rmsnorm_ref,
-    rmsnorm_ref,
-    rope_ref,
-    ssd_scan_ref,
-    ssd_step_ref,
-)
-from edgeseq.state import AttentionLayerState, Mamba2LayerState, ModelState
+from edgeseq.kinds import get_kind
+from edgeseq.reference import rmsnorm_ref
+from edgeseq.state import ModelState
 from edgeseq.width import LayerWidth, WidthSpec, resolve
 
 
@@ -59,191 +47,77 @@ class RMSNorm(nn.Module):
         return rmsnorm_ref(x, self.weight, self.eps)
 
 
-class Mamba2Mixer(nn.Module):
-    def __init__(self, config: ModelConfig, i: int):
-        super().__init__()
-        m = config.mamba
-        self.n_heads, self.ngroups, self.headdim, self.d_state = config.layer_heads(i), m.ngroups, m.headdim, m.d_state
-        self.chunk_size, self.dt_limit, self.eps = m.chunk_size, m.dt_limit, config.norm_eps
-        d_inner, bc = self.n_heads * m.headdim, 2 * m.ngroups * m.d_state
-        self.in_proj = nn.Linear(config.d_model, 2 * d_inner + bc + self.n_heads, bias=m.proj_bias)
-        self.conv1d = nn.Conv1d(d_inner + bc, d_inner + bc, m.d_conv, groups=d_inner + bc, bias=m.conv_bias)
-        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
-        self.A_log = nn.Parameter(torch.empty(self.n_heads))
-        self.D = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = RMSNorm(d_inner, config.norm_eps)
-        self.out_proj = nn.Linear(d_inner, config.d_model, bias=m.proj_bias)
-        self.kernels = False  # NestedLM.use_kernels: the custom ops instead of the reference calls
-        self._init_ssm(m.dt_min, m.dt_max)
-
-    def _init_ssm(self, dt_min: float, dt_max: float) -> None:
-        # dt log-uniform in [dt_min, dt_max]; dt_bias is its softplus inverse (mamba_ssm's init)
-        dt = torch.exp(torch.rand(self.n_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=1e-4)
-        with torch.no_grad():
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            self.A_log.copy_(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
-
-    def params_at(self, kept: int) -> dict[str, Tensor]:
-        params = dict(self.named_parameters())
-        if kept == self.n_heads:
-            return params
-        return slice_mamba2(params, mamba2_index(self.n_heads, self.ngroups, self.headdim, self.d_state, kept))
-
-    def _project(self, p: dict[str, Tensor], u: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
-        zxbcdt = F.linear(u, p["in_proj.weight"], p.get("in_proj.bias"))
-        d_inner = heads * self.headdim
-        return zxbcdt.split([d_inner, zxbcdt.size(-1) - d_inner - heads, heads], dim=-1)  # z, xBC, dt
-
-    def _ssm_inputs(self, p: dict[str, Tensor], xBC: Tensor, dt: Tensor, heads: int):
-        d_inner, gn = heads * self.headdim, self.ngroups * self.d_state
-        x, B, C = xBC.split([d_inner, gn, gn], dim=-1)
-        dt = F.softplus(dt + p["dt_bias"].to(dt.dtype)).clamp(*self.dt_limit)
-        A = -torch.exp(p["A_log"].to(dt.dtype))
-        return x, B, C, dt, A
-
-    def _output(self, p: dict[str, Tensor], y: Tensor, z: Tensor, out_dtype: torch.dtype) -> Tensor:
-        y = gated_rmsnorm_ref(y, z, p["norm.weight"], self.eps, group_size=y.size(-1) // self.ngroups)
-        return F.linear(y.to(out_dtype), p["out_proj.weight"], p.get("out_proj.bias"))
-
-    def forward(self, u: Tensor, state: Mamba2LayerState, kept: int) -> tuple[Tensor, Mamba2LayerState]:
-        """u (b, l, d) -> (b, l, d); a whole prompt through the chunked scan."""
-        p, (b, l, _) = self.params_at(kept), u.shape
-        z, xBC, dt = self._project(p, u, kept)
-        sd = state.ssm.dtype
-        xBC, conv = causal_conv1d_ref(xBC.to(sd), p["conv1d.weight"][:, 0], p.get("conv1d.bias"), state.conv)
-        x, B, C, dt, A = self._ssm_inputs(p, xBC, dt.to(sd), kept)
-        io = u.dtype if self.kernels and u.dtype in (torch.bfloat16, torch.float16) else sd  # the scan's X, B, C
-        scan = torch.ops.edgeseq.ssd_scan if self.kernels else ssd_scan_ref
-        y, ssm = scan(
-            x.reshape(b, l, kept, self.headdim).to(io),  # (b, l, h, p)
-            dt,
-            A,
-            B.reshape(b, l, self.ngroups, self.d_state).to(io),  # (b, l, g, n)
-            C.reshape(b, l, self.ngroups, self.d_state).to(io),
-            self.chunk_size,
-            D=p["D"].to(sd),
-            initial_state=state.ssm,
-        )
-        return self._output(p, y.reshape(b, l, -1), z, u.dtype), Mamba2LayerState(conv, ssm)
-
-    def step(self, u: Tensor, state: Mamba2LayerState, kept: int) -> tuple[Tensor, Mamba2LayerState]:
-        """u (b, d) -> (b, d); one token through the recurrence."""
-        p, b = self.params_at(kept), u.size(0)
-        z, xBC, dt = self._project(p, u, kept)
-        if self.kernels:  # conv, dt, state update and output in one launch on CUDA
-            y, conv, ssm = torch.ops.edgeseq.ssd_step(
-                xBC, dt, state.conv, p["conv1d.weight"][:, 0], p.get("conv1d.bias"), p["dt_bias"],
-                -torch.exp(p["A_log"].to(state.ssm.dtype)), p["D"], state.ssm, self.ngroups, *self.dt_limit,
-            )  # fmt: skip
-            return self._output(p, y.reshape(b, -1), z, u.dtype), Mamba2LayerState(conv, ssm)
-        sd = state.ssm.dtype
-        xBC, conv = causal_conv1d_step_ref(xBC.to(sd), state.conv, p["conv1d.weight"][:, 0], p.get("conv1d.bias"))
-        x, B, C, dt, A = self._ssm_inputs(p, xBC, dt.to(sd), kept)
-        y, ssm = ssd_step_ref(
-            state.ssm,
-            x.reshape(b, kept, self.headdim),  # (b, h, p)
-            dt,
-            A,
-            B.reshape(b, self.ngroups, self.d_state),  # (b, g, n)
-            C.reshape(b, self.ngroups, self.d_state),
-            D=p["D"],
-        )
-        return self._output(p, y.reshape(b, -1), z, u.dtype), Mamba2LayerState(conv, ssm)
-
-
-class AttentionMixer(nn.Module):
-    def __init__(self, config: ModelConfig, i: int):
-        super().__init__()
-        a = config.attention
-        self.n_heads, self.q_per_kv, self.head_dim = config.layer_heads(i), a.q_per_kv, a.head_dim
-        self.window, self.theta = config.layers[i].window, a.rope_theta
-        self.rot_dim = round(a.head_dim * a.rope_fraction)
-        kv = self.n_heads // a.q_per_kv
-        self.q_proj = nn.Linear(config.d_model, self.n_heads * a.head_dim, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(config.d_model, kv * a.head_dim, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(config.d_model, kv * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * a.head_dim, config.d_model, bias=a.out_bias)
-
-    def params_at(self, kept: int) -> dict[str, Tensor]:
-        params = dict(self.named_parameters())
-        if kept == self.n_heads:
-            return params
-        return slice_attention(params, attention_index(self.n_heads, self.q_per_kv, self.head_dim, kept))
-
-    def _qkv(self, p: dict[str, Tensor], u: Tensor, positions: Tensor):
-        """u (b, l, d); positions (b, l) -> rotated q (b, l, h, d), k (b, l, k, d), v."""
-        q, k, v = (
-            F.linear(u, p[f"{n}.weight"], p.get(f"{n}.bias")).unflatten(-1, (-1, self.head_dim))
-            for n in ("q_proj", "k_proj", "v_proj")
-        )
-        return rope_ref(q, positions, self.theta, self.rot_dim), rope_ref(k, positions, self.theta, self.rot_dim), v
-
-    def forward(self, u: Tensor, state: AttentionLayerState, position: Tensor, kept: int):
-        p, l = self.params_at(kept), u.size(1)
-        q, k, v = self._qkv(p, u, position[:, None] + torch.arange(l, device=u.device))
-        sd = state.key.dtype
-        o, key, value = attention_prefill_ref(
-            q.to(sd), k.to(sd), v.to(sd), state.key, state.value, position, self.window
-        )
-        out = F.linear(o.flatten(-2).to(u.dtype), p["o_proj.weight"], p.get("o_proj.bias"))
-        return out, AttentionLayerState(key, value)
-
-    def step(self, u: Tensor, state: AttentionLayerState, position: Tensor, kept: int):
-        p = self.params_at(kept)
-        q, k, v = (t[:, 0] for t in self._qkv(p, u[:, None], position[:, None]))
-        sd = state.key.dtype
-        o, key, value = attention_step_ref(q.to(sd), k.to(sd), v.to(sd), state.key, state.value, position, self.window)
-        out = F.linear(o.flatten(-2).to(u.dtype), p["o_proj.weight"], p.get("o_proj.bias"))
-        return out, AttentionLayerState(key, value)
-
-
-class GatedMLP(nn.Module):
-    def __init__(self, d_model: int, d_mlp: int):
-        super().__init__()
-        self.d_mlp = d_mlp
-        self.gate_proj = nn.Linear(d_model, d_mlp, bias=False)
-        self.up_proj = nn.Linear(d_model, d_mlp, bias=False)
-        self.down_proj = nn.Linear(d_mlp, d_model, bias=False)
-
-    def params_at(self, kept: int) -> dict[str, Tensor]:
-        params = dict(self.named_parameters())
-        return params if kept == self.d_mlp else slice_mlp(params, kept)
-
-    def forward(self, x: Tensor, kept: int) -> Tensor:
-        p = self.params_at(kept)
-        return gated_mlp_ref(x, p["gate_proj.weight"], p["up_proj.weight"], p["down_proj.weight"])
+def slice_params(params: dict[str, Tensor], index) -> dict[str, Tensor]:
+    """Parameters restricted to the entries a kind's ``weight_index`` keeps."""
+    out = {}
+    for name, t in params.items():
+        if name in index:
+            axis, idx = index[name]
+            out[name] = t.index_select(axis, torch.as_tensor(idx, device=t.device))
+        else:
+            out[name] = t
+    return out
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, i: int):
         super().__init__()
         spec = config.layers[i]
-        self.is_mamba = spec.mixer == "mamba2"
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mixer = Mamba2Mixer(config, i) if self.is_mamba else AttentionMixer(config, i)
+        self.config, self.i, self.spec = config, i, spec
+        self.stored = {part: config.part_size(i, part) for part in spec.parts}
+        self.state_names = {
+            part: tuple(get_kind(part).state_shapes(config, i, size)) for part, size in self.stored.items()
+        }
+        if spec.mixers:
+            self.norm = RMSNorm(config.d_model, config.norm_eps)
+        modules = {part: get_kind(part).module(config, i, self.stored[part]) for part in spec.mixers}
+        if len(spec.mixers) == 1:
+            self.mixer = modules[spec.mixers[0]]
+        elif spec.mixers:
+            self.mixers = nn.ModuleDict(modules)
         if spec.mlp:
             self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-            self.mlp = GatedMLP(config.d_model, config.layer_d_mlp(i))
+            self.mlp = get_kind(spec.mlp).module(config, i, self.stored[spec.mlp])
         else:
             self.mlp = None
 
-    def forward(self, h: Tensor, state, position: Tensor, width: LayerWidth, step: bool):
-        x = self.norm(h)
-        run = self.mixer.step if step else self.mixer.forward
-        y, state = run(x, state, width.heads) if self.is_mamba else run(x, state, position, width.heads)
-        h = h + y
+    def part(self, kind: str) -> nn.Module:
+        return self.get_submodule(self.spec.prefix(kind))
+
+    def params_at(self, kind: str, kept: int) -> dict[str, Tensor]:
+        """The part's parameters at ``kept`` (its size as stored: the parameters themselves)."""
+        params = dict(self.part(kind).named_parameters())
+        if kept == self.stored[kind]:
+            return params
+        return slice_params(params, get_kind(kind).weight_index(self.config, self.i, self.stored[kind], kept))
+
+    def _run(self, kind: str, x: Tensor, state: dict, position: Tensor, width: LayerWidth, step: bool):
+        module, kept = self.part(kind), width[kind]
+        run = module.step if step else module
+        own = {k: state[k] for k in self.state_names[kind]}
+        return run(self.params_at(kind, kept), x, own, position, kept)
+
+    def forward(self, h: Tensor, state: dict, position: Tensor, width: LayerWidth, step: bool):
+        new_state = {}
+        if self.spec.mixers:
+            x = self.norm(h)
+            for kind in self.spec.mixers:
+                y, part_state = self._run(kind, x, state, position, width, step)
+                h = h + y
+                new_state |= part_state
         if self.mlp is not None:
-            h = h + self.mlp(self.mlp_norm(h), width.d_mlp)
-        return h, state
+            y, _ = self._run(self.spec.mlp, self.mlp_norm(h), state, position, width, step)
+            h = h + y
+        return h, new_state
 
     def sliced_state_dict(self, width: LayerWidth) -> dict[str, Tensor]:
         """This block's parameters at ``width``, under their checkpoint names."""
-        out = {"norm.weight": self.norm.weight}
-        out |= {f"mixer.{k}": v for k, v in self.mixer.params_at(width.heads).items()}
+        out = {"norm.weight": self.norm.weight} if self.spec.mixers else {}
+        for kind in self.spec.mixers:
+            out |= {f"{self.spec.prefix(kind)}.{k}": v for k, v in self.params_at(kind, width[kind]).items()}
         if self.mlp is not None:
             out["mlp_norm.weight"] = self.mlp_norm.weight
-            out |= {f"mlp.{k}": v for k, v in self.mlp.params_at(width.d_mlp).items()}
+            out |= {f"mlp.{k}": v for k, v in self.params_at(self.spec.mlp, width[self.spec.mlp]).items()}
         return out
 
 
@@ -261,13 +135,14 @@ class NestedLM(nn.Module):
         self._widths: dict[str, tuple[LayerWidth, ...]] = {}
 
     def use_kernels(self, enabled: bool = True) -> NestedLM:
-        """Run the Mamba2 layers through edgeseq's custom ops (Triton kernels on CUDA tensors,
-        their pure-torch twins elsewhere) instead of the reference functions. Returns self."""
+        """Run the parts that have kernels (Mamba2) through edgeseq's custom ops (Triton
+        kernels on CUDA tensors, their pure-torch twins elsewhere) instead of the reference
+        functions. Returns self."""
         if enabled:
             import edgeseq.kernels  # noqa: F401  (registers torch.ops.edgeseq.*)
-        for layer in self.layers:
-            if isinstance(layer.mixer, Mamba2Mixer):
-                layer.mixer.kernels = enabled
+        for module in self.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = enabled
         return self
 
     def widths(self, width: WidthSpec | float | str | tuple[LayerWidth, ...] | None) -> tuple[LayerWidth, ...]:
@@ -289,9 +164,8 @@ class NestedLM(nn.Module):
         return F.linear(h, weight)
 
     def _check_context(self, state: ModelState, new_tokens: int) -> None:
-        limit = self.config.attention.max_context if self.config.attention else None
-        has_global = any(s.mixer == "attention" and s.window is None for s in self.config.layers)
-        if has_global and int(state.position.max()) + new_tokens > limit:
+        limit = self.config.stream_limit()
+        if limit is not None and int(state.position.max()) + new_tokens > limit:
             raise ConfigError(
                 f"stream exceeds the global attention cache of {limit} tokens; raise attention.max_context or reset"
             )

@@ -1,13 +1,21 @@
-"""What a model costs at each width: parameters, weight bytes, decode-state bytes.
+"""The one sizing model: what a model stores and reads at each width and precision.
 
-Nothing is materialised: parameters are counted on a ``meta``-device model built from
-the extracted config, and state bytes come from ``edgeseq.state.layer_state_shapes``, so
-a size table of a large checkpoint costs no memory.
+``inspect``, ``extract`` and ``plan`` all count through ``footprint``. Nothing is
+materialised and neither torch nor onnx is imported: each part's layer kind gives its
+parameter shapes and says which are MatMul matrices (``LayerKind.param_shapes``,
+``matrices``); state bytes come from the kinds' state shapes.
 
-Quantized sizes follow weight-only quantization: the int8 and int4 columns count the 2-D
-weight matrices (embedding, projections, untied lm_head) at 1 and 1/2 byte per parameter
-and keep every other parameter (norms, biases, conv kernels, A_log, D, dt_bias) at fp32.
-Quantization scales are not counted.
+Bytes are those an exported graph stores (``export.quantize`` says what each precision
+does to which tensor):
+
+    matrices (projections, MLP, head)   fp32 4 B, fp16 2 B, int8 1 B + a 4 B scale and a
+                                        1 B zero point per output channel, int4 0.5 B + a
+                                        4 B scale per block of ``INT4_BLOCK`` weights
+    embedding table (a Gather)          fp32 4 B, fp16 2 B, int8 4 B (onnxruntime's dynamic
+                                        quantizer leaves Gather alone), int4 as matrices
+    everything else                     fp32 (conv kernels, A, D, dt bias, norms, biases)
+
+A tied head is stored once more, transposed, as the head matrix.
 """
 
 from __future__ import annotations
@@ -16,61 +24,121 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from edgeseq.choices import PRECISIONS
 from edgeseq.config import ModelConfig
-from edgeseq.extract import extracted_config
-from edgeseq.model import NestedLM
+from edgeseq.errors import EdgeseqError
+from edgeseq.kinds import get_kind
 from edgeseq.shapes import layer_state_shapes
 from edgeseq.width import LayerWidth, WidthSpec, resolve
 
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
-QUANTIZED = ("int8", "int4")  # applied to 2-D matrices only; the rest stays fp32
+INT4_BLOCK = 32
 POSITION_BYTES = 8  # the int64 token counter every stream carries
+STATE_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Parameter counts of one extracted model, by how the graphs store them."""
+
+    params: int  # every parameter, a tied embedding once
+    matrix: int  # weights fed to MatMul (the head included, tied or not)
+    matrix_columns: int  # their output channels (int8 scales)
+    embedding: int  # the Gather table
+    other: int  # 1-D and conv parameters, always fp32
+    d_model: int
+    widest_output: int  # the largest projection output per token (in_proj's)
+
+    @property
+    def flops_per_token(self) -> int:
+        return 2 * self.matrix  # a multiply-add per matrix weight
+
+    def weight_bytes(self, precision: str) -> int:
+        """Bytes of the weights one graph stores."""
+        return _matrix_bytes(self.matrix, self.matrix_columns, precision) + _table_bytes(self.embedding, precision) \
+            + 4 * self.other
+
+    def bytes_read_per_token(self, precision: str) -> int:
+        """Weights a decode step reads: all but the embedding table, of which one row."""
+        return self.weight_bytes(precision) - _table_bytes(self.embedding, precision) + _table_bytes(self.d_model, precision)
+
+
+def _matrix_bytes(count: int, columns: int, precision: str) -> int:
+    if precision == "int8":
+        return count + 5 * columns  # int8 weights + a 4 B scale and a 1 B zero point per output channel
+    return _table_bytes(count, precision)
+
+
+def _table_bytes(count: int, precision: str) -> int:
+    if precision == "int4":
+        return math.ceil(count / 2) + 4 * math.ceil(count / INT4_BLOCK)
+    rate = {"fp32": 4, "fp16": 2, "int8": 4}.get(precision)  # int8 leaves the Gather table fp32
+    if rate is None:
+        raise EdgeseqError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return rate * count
+
+
+def footprint(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> Footprint:
+    """Counted from the kinds' parameter shapes at ``widths``."""
+    d, vocab = config.d_model, config.vocab_size
+    embedding = vocab * d
+    matrix, columns, other, widest = vocab * d, vocab, d, 0  # the head ([d, vocab] as a MatMul) and norm_f
+    params = embedding + d + (0 if config.tie_embeddings else vocab * d)
+    if not config.tie_embeddings:  # an untied head is a projection like any other
+        widest = vocab
+    for i, (spec, w) in enumerate(zip(config.layers, widths)):
+        other += d * ((1 if spec.mixers else 0) + (1 if spec.mlp else 0))  # the block's pre-norms
+        params += d * ((1 if spec.mixers else 0) + (1 if spec.mlp else 0))
+        for part in spec.parts:
+            kind = get_kind(part)
+            matrices = kind.matrices(config, i)
+            for name, shape in kind.param_shapes(config, i, w[part]).items():
+                n = math.prod(shape)
+                params += n
+                if name in matrices:
+                    out = n // shape[-1]  # stored [out, in] like nn.Linear (3-D experts: [e, out, in])
+                    matrix, columns, widest = matrix + n, columns + out, max(widest, shape[-2] if len(shape) > 1 else 0)
+                else:
+                    other += n
+    return Footprint(params, matrix, columns, embedding, other, d, widest)
+
+
+def state_bytes(config: ModelConfig, widths: tuple[LayerWidth, ...], dtype: Any = "float32") -> int:
+    """Bytes of one stream's decode state (equals ``ModelState.zeros(config, 1, widths).nbytes()``);
+    ``dtype`` a numpy/torch dtype or its name."""
+    itemsize = STATE_ITEMSIZE[str(dtype).removeprefix("torch.")]
+    tensors = sum(math.prod(s) for i, w in enumerate(widths) for s in layer_state_shapes(config, i, w).values())
+    return tensors * itemsize + POSITION_BYTES
 
 
 @dataclass(frozen=True)
 class Size:
-    """One model at one width."""
+    """One model at one width, for ``inspect`` and ``extract``."""
 
     label: str  # the width as asked ("0.5", "1,0.5,...") or "stored"
     widths: tuple[LayerWidth, ...]  # absolute per-layer sizes
-    params: int  # every parameter, tied embeddings once
-    matrix_params: int  # those in 2-D weight matrices: what int8/int4 quantize
+    footprint: Footprint
     state_bytes: int  # one stream's fp32 decode state, position counter included
 
-    def weight_bytes(self, dtype: str) -> int:
-        rate = BYTES_PER_PARAM[dtype]
-        if dtype in QUANTIZED:
-            return math.ceil(self.matrix_params * rate) + 4 * (self.params - self.matrix_params)
-        return round(self.params * rate)
+    @property
+    def params(self) -> int:
+        return self.footprint.params
+
+    def weight_bytes(self, precision: str) -> int:
+        return self.footprint.weight_bytes(precision)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "width": self.label,
             "params": self.params,
-            "matrix_params": self.matrix_params,
-            "weight_bytes": {dtype: self.weight_bytes(dtype) for dtype in BYTES_PER_PARAM},
+            "matrix_params": self.footprint.matrix,
+            "weight_bytes": {p: self.weight_bytes(p) for p in PRECISIONS},
             "state_bytes_per_stream": self.state_bytes,
-            "layers": [{"heads": w.heads, "d_mlp": w.d_mlp} for w in self.widths],
+            "layers": [w.to_dict() for w in self.widths],
         }
 
 
-def state_bytes(config: ModelConfig, widths: tuple[LayerWidth, ...], dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of one stream's decode state (equals ``ModelState.zeros(config, 1, widths).nbytes()``)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    tensors = sum(math.prod(s) for i, w in enumerate(widths) for s in layer_state_shapes(config, i, w).values())
-    return tensors * itemsize + POSITION_BYTES
-
-
 def size_of(config: ModelConfig, widths: tuple[LayerWidth, ...], label: str) -> Size:
-    with torch.device("meta"):
-        model = NestedLM(extracted_config(config, widths))
-    params = matrix = 0
-    for p in model.parameters():
-        params += p.numel()
-        matrix += p.numel() if p.dim() == 2 else 0
-    return Size(label, widths, params, matrix, state_bytes(config, widths))
+    return Size(label, widths, footprint(config, widths), state_bytes(config, widths))
 
 
 def size_table(config: ModelConfig, specs: list[WidthSpec | float | str]) -> list[Size]:
@@ -90,20 +158,16 @@ def nested_sizes(config: ModelConfig) -> list[Size]:
 def layer_pattern(config: ModelConfig) -> str:
     """The layers as ``ModelConfig.from_pattern`` spells them: 'M M+ S+ A'."""
     tokens = []
-    for s in config.layers:
-        kind = "M" if s.mixer == "mamba2" else ("A" if s.window is None else "S")
-        tokens.append(kind + ("+" if s.mlp else ""))
+    for i, spec in enumerate(config.layers):
+        token = "|".join(get_kind(part).pattern_token(config, i) for part in spec.mixers)
+        tokens.append(token + ("+" if spec.mlp else ""))
     return " ".join(tokens)
 
 
 def kept_per_layer(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> list[dict[str, Any]]:
-    """What each layer keeps of ``config`` as stored: heads (and kv heads), MLP units."""
+    """What each layer keeps of ``config`` as stored, per part: {"layer", "mixers", "parts": {kind: {...}}}."""
     rows = []
     for i, (spec, w) in enumerate(zip(config.layers, widths)):
-        row = {"layer": i, "mixer": spec.mixer, "heads": w.heads, "heads_total": config.layer_heads(i)}
-        if spec.mixer == "attention":
-            q_per_kv = config.attention.q_per_kv
-            row |= {"kv_heads": w.heads // q_per_kv, "kv_heads_total": config.layer_heads(i) // q_per_kv}
-        row |= {"d_mlp": w.d_mlp, "d_mlp_total": config.layer_d_mlp(i)}
-        rows.append(row)
+        parts = {part: get_kind(part).describe(config, i, w[part]) for part in spec.parts}
+        rows.append({"layer": i, "mixers": list(spec.mixers), "mlp": spec.mlp, "parts": parts})
     return rows

@@ -80,7 +80,7 @@ def assert_bundle_parity(
     plot: str | Path | None = None,
 ) -> CompareResult:
     """``assert_parity`` on a bundle: ``load_runners(bundle_dir)`` returns (reference
-    runner, candidate runner, io, precision), by default ``edgeseq.bundle.load_runners``.
+    runner, candidate runner, io, precision), by default ``edgeseq.deploy.validation.load_runners``.
     Runners that are context managers are activated here and deactivated after."""
     load = load_runners or _bundle_loader()
     reference, candidate, io, precision = load(Path(bundle_dir))
@@ -93,12 +93,8 @@ def assert_bundle_parity(
 
 
 def _bundle_loader() -> LoadRunners:
-    try:
-        from edgeseq.bundle import load_runners
-    except ImportError as e:
-        if e.name != "edgeseq.bundle":  # the loader exists but a dependency of it is missing
-            raise
-        raise ImportError("this edgeseq has no bundle loader (edgeseq.bundle.load_runners); pass load_runners=") from None
+    from edgeseq.deploy.validation import load_runners
+
     return load_runners
 
 

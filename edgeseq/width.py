@@ -1,10 +1,9 @@
 """Width specs: which prefix of every layer a submodel keeps.
 
-A width is a fraction of a layer's nesting units, the units being
-
-- mamba2 layers: heads, counted per B/C group (each group keeps its leading heads);
-- attention layers: whole kv-head groups (a kv head and its query heads);
-- gated MLPs: hidden units.
+A width is a fraction of each part's nesting units, which its layer kind defines
+(``LayerKind.units``): mamba2 heads counted per B/C group, attention kv groups, MLP
+hidden units. Kinds the checkpoint was not trained nested (``ModelConfig.nested_kinds``)
+stay whole at every width.
 
 A fraction is snapped to the nearest whole number of units k when |fraction - k/units|
 is at most ``SNAP_TOLERANCE`` (so 0.33 means a third, and 0.3 of 24 heads means 7);
@@ -20,16 +19,26 @@ from fractions import Fraction
 
 from edgeseq.config import ModelConfig
 from edgeseq.errors import WidthError
+from edgeseq.kinds import get_kind
 
 SNAP_TOLERANCE = 0.01  # largest |fraction - k/units| that still snaps to k units
 
 
 @dataclass(frozen=True)
 class LayerWidth:
-    """Absolute sizes one layer keeps."""
+    """Absolute sizes one layer keeps, per part kind: {"mamba2": 12, "mlp": 96}."""
 
-    heads: int  # mamba2 heads or attention query heads (0 for none)
-    d_mlp: int  # MLP hidden units (0 when the layer has no MLP)
+    sizes: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def of(cls, sizes: dict[str, int]) -> LayerWidth:
+        return cls(tuple(sorted(sizes.items())))
+
+    def __getitem__(self, kind: str) -> int:
+        return dict(self.sizes)[kind]
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.sizes)
 
 
 @dataclass(frozen=True)
@@ -91,20 +100,15 @@ def resolve(config: ModelConfig, spec: WidthSpec | float | str | None) -> tuple[
         spec = WidthSpec.parse(str(spec))
     out = []
     for i, w in enumerate(spec.per_layer(config.n_layer)):
-        layer = config.layers[i]
-        heads = config.layer_heads(i)
-        if layer.mixer == "mamba2":
-            groups = config.mamba.ngroups
-            kind = "mamba2 heads per group"
-        else:
-            groups = heads // config.attention.q_per_kv  # kv heads
-            kind = "attention kv groups"
-        units = heads // groups if layer.mixer == "mamba2" else groups
-        k = _snap(w, units, f"layer {i} ({kind})")
-        kept_heads = k * groups if layer.mixer == "mamba2" else k * config.attention.q_per_kv
-        d_mlp = config.layer_d_mlp(i)
-        kept_mlp = _snap(w, d_mlp, f"layer {i} (MLP hidden units)") if d_mlp else 0
-        out.append(LayerWidth(heads=kept_heads, d_mlp=kept_mlp))
+        sizes = {}
+        for part in config.layers[i].parts:
+            kind, stored = get_kind(part), config.part_size(i, part)
+            if not config.is_nested(part):  # not trained nested: kept whole at every width
+                sizes[part] = stored
+                continue
+            units, per_unit = kind.units(config, i, stored)
+            sizes[part] = _snap(w, units, f"layer {i} ({kind.unit_name()})") * per_unit
+        out.append(LayerWidth.of(sizes))
     return tuple(out)
 
 

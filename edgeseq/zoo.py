@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-from edgeseq.config import AttentionParams, Mamba2Params, ModelConfig
+from edgeseq.config import ModelConfig
+from edgeseq.kinds.attention import AttentionParams
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.errors import CheckpointError
 from edgeseq.families import load_checkpoint
 from edgeseq.model import NestedLM

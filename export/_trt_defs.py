@@ -1,4 +1,4 @@
-"""The ``tensorrt.plugin`` definitions behind ``edgeseq.export.trt_plugins.register``.
+"""The ``tensorrt.plugin`` definitions behind ``edgeseq.export.trt_register.register``.
 
 Imported only where TensorRT >= 10.9 is installed. TensorRT reads these functions'
 signatures: parameter names and annotations are checked (inputs, then attributes in the

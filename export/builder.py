@@ -89,36 +89,58 @@ class GraphBuilder:
         model.ir_version = min(model.ir_version, 10 if self.opset <= 21 else 11)
         return model
 
+    # ---- composite helpers shared by every layer kind --------------------------------
+    def silu(self, x: str) -> str:
+        return self.op("Mul", x, self.op("Sigmoid", x))
 
-# ---- small composite helpers shared by every layer --------------------------------------
-def silu(g: GraphBuilder, x: str) -> str:
-    return g.op("Mul", x, g.op("Sigmoid", x))
+    def matrix(self, w: dict[str, np.ndarray], prefix: str, name: str) -> str:
+        """A projection weight ``w[name + ".weight"]``, stored transposed ([in, out]) for
+        MatMul as ``<prefix><name>.weight.t``."""
+        return self.weight(f"{prefix}{name}.weight.t", np.ascontiguousarray(w[f"{name}.weight"].T))
 
+    def bias(self, w: dict[str, np.ndarray], prefix: str, name: str) -> str | None:
+        """``w[name + ".bias"]`` as ``<prefix><name>.bias``, or None where there is none."""
+        key = f"{name}.bias"
+        return self.weight(f"{prefix}{key}", w[key]) if key in w else None
 
-def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str:
-    """x [..., in] @ weight [in, out] (+ bias). Weights are stored transposed for MatMul.
+    def vector(self, w: dict[str, np.ndarray], prefix: str, name: str) -> str:
+        return self.weight(f"{prefix}{name}", w[name])
 
-    With ``g.split_k`` = s and ``in`` > s, the sum over ``in`` runs in c blocks of the
-    largest divisor of ``in`` not above s (at least 8), added at the end:
+    def linear(self, x: str, weight: str, bias: str | None = None) -> str:
+        """x [..., in] @ weight [in, out] (+ bias). Weights are stored transposed for MatMul.
 
-        x [..., in] -> [..., c, 1, s] @ weight [c, s, out] -> [..., c, 1, out] -> sum over c
+        With ``split_k`` = s and ``in`` > s, the sum over ``in`` runs in c blocks of the
+        largest divisor of ``in`` not above s (at least 8), added at the end:
 
-    onnxruntime's CPU GEMM accumulates a dot product sequentially, so its rounding error
-    grows with ``in``; blocking brings it to the PyTorch reference's level, which matters
-    where a recurrence integrates it over thousands of steps. Quantizers need the plain
-    2-D MatMul, so graphs meant for quantization are built without it.
-    """
-    W = g.arrays[weight]
-    s = _block(W.shape[0], g.split_k) if g.split_k and W.ndim == 2 else None
-    if s:
-        c, n = W.shape[0] // s, W.shape[1]
-        lead = g.op("Shape", x, end=-1)
-        blocks = g.op("Reshape", x, g.op("Concat", lead, g.ints(c, 1, s), axis=0))  # [..., c, 1, s]
-        partial = g.op("MatMul", blocks, g.weight(f"{weight}.blocks", W.reshape(c, s, n)))  # [..., c, 1, out]
-        y = g.op("ReduceSum", g.op("Squeeze", partial, g.ints(-2)), g.ints(-2), keepdims=0)  # [..., out]
-    else:
-        y = g.op("MatMul", x, weight)
-    return g.op("Add", y, bias) if bias else y
+            x [..., in] -> [..., c, 1, s] @ weight [c, s, out] -> [..., c, 1, out] -> sum over c
+
+        onnxruntime's CPU GEMM accumulates a dot product sequentially, so its rounding error
+        grows with ``in``; blocking brings it to the PyTorch reference's level, which matters
+        where a recurrence integrates it over thousands of steps. Quantizers need the plain
+        2-D MatMul, so graphs meant for quantization are built without it.
+        """
+        W = self.arrays[weight]
+        s = _block(W.shape[0], self.split_k) if self.split_k and W.ndim == 2 else None
+        if s:
+            c, n = W.shape[0] // s, W.shape[1]
+            lead = self.op("Shape", x, end=-1)
+            blocks = self.op("Reshape", x, self.op("Concat", lead, self.ints(c, 1, s), axis=0))  # [..., c, 1, s]
+            partial = self.op("MatMul", blocks, self.weight(f"{weight}.blocks", W.reshape(c, s, n)))  # [..., c, 1, out]
+            y = self.op("ReduceSum", self.op("Squeeze", partial, self.ints(-2)), self.ints(-2), keepdims=0)  # [..., out]
+        else:
+            y = self.op("MatMul", x, weight)
+        return self.op("Add", y, bias) if bias else y
+
+    def rmsnorm(self, x: str, weight: str, eps: float) -> str:
+        """x / sqrt(mean(x^2) + eps) * weight over the last axis (basic ops, any opset)."""
+        ms = self.op("ReduceMean", self.op("Mul", x, x), self.ints(-1), keepdims=1)
+        return self.op("Mul", self.op("Div", x, self.op("Sqrt", self.op("Add", ms, self.const(eps)))), weight)
+
+    def split(self, x: str, sizes: Sequence[int], axis: int = -1) -> tuple[str, ...]:
+        return self.op("Split", x, self.ints(*sizes), outputs=len(sizes), axis=axis)
+
+    def reshape(self, x: str, *shape: int) -> str:
+        return self.op("Reshape", x, self.ints(*shape))
 
 
 def _block(k: int, most: int) -> int | None:
@@ -126,17 +148,3 @@ def _block(k: int, most: int) -> int | None:
     if k <= most:
         return None
     return next((s for s in range(most, 7, -1) if k % s == 0), None)
-
-
-def rmsnorm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis (basic ops, any opset)."""
-    ms = g.op("ReduceMean", g.op("Mul", x, x), g.ints(-1), keepdims=1)
-    return g.op("Mul", g.op("Div", x, g.op("Sqrt", g.op("Add", ms, g.const(eps)))), weight)
-
-
-def split(g: GraphBuilder, x: str, sizes: Sequence[int], axis: int = -1) -> tuple[str, ...]:
-    return g.op("Split", x, g.ints(*sizes), outputs=len(sizes), axis=axis)
-
-
-def reshape(g: GraphBuilder, x: str, *shape: int) -> str:
-    return g.op("Reshape", x, g.ints(*shape))

@@ -13,11 +13,14 @@ import numpy as np
 import onnx
 
 from edgeseq.errors import EdgeseqError
-from edgeseq.export.builder import GraphBuilder, linear, rmsnorm
+from edgeseq.export.builder import GraphBuilder
 from edgeseq.export.flavors import FLAVORS
 from edgeseq.export.layers import block
-from edgeseq.export.spec import GraphIO, graph_io, needs_position
+from edgeseq.export.spec import GraphIO, graph_io
+from edgeseq.kinds import get_kind
 from edgeseq.model import NestedLM
+from edgeseq.shapes import layer_state_shapes
+from edgeseq.width import full
 
 INT_MAX = np.iinfo(np.int64).max
 SPLIT_K = 64  # fp32 bundles: dot products summed in blocks of up to 64 (accuracy over long streams)
@@ -35,8 +38,9 @@ def build_graph(model: NestedLM, kind: str, flavor: str = "portable", all_logits
     if flavor not in FLAVORS:
         raise EdgeseqError(f"unknown flavor {flavor!r}; use one of {sorted(FLAVORS)}")
     config, fl = model.config, FLAVORS[flavor]
-    if config.mamba.d_conv < 2 and any(s.mixer == "mamba2" for s in config.layers):
-        raise EdgeseqError("export needs mamba.d_conv >= 2 (a conv state of at least one token)")
+    for i, spec in enumerate(config.layers):
+        for part in spec.parts:
+            get_kind(part).check_export(config, i)
     io = graph_io(config, kind, all_logits)
     weights = model_weights(model)
     g = GraphBuilder(f"edgeseq_{kind}", fl.opset, fl.domains, split_k=split_k)
@@ -48,18 +52,17 @@ def build_graph(model: NestedLM, kind: str, flavor: str = "portable", all_logits
         h = g.op("Squeeze", h, g.ints(1))  # [b, d]
     position = names.get("position")
     presents: dict[str, str] = {}
-    for i, spec in enumerate(config.layers):
-        kinds = ("conv", "ssm") if spec.mixer == "mamba2" else ("key", "value")
-        past = {k: names[f"past.{i}.{k}"] for k in kinds}
+    for i, width in enumerate(full(config)):
+        past = {k: names[f"past.{i}.{k}"] for k in layer_state_shapes(config, i, width)}
         h, present = block(g, fl, config, i, weights, h, past, position, rank)
-        presents |= {f"present.{i}.{k}": v for k, v in present.items()}
-    h = rmsnorm(g, h, g.weight("norm_f.weight", weights["norm_f.weight"]), config.norm_eps)
+        presents |= {f"present.{i}.{k}": present[k] for k in past}
+    h = g.rmsnorm(h, g.weight("norm_f.weight", weights["norm_f.weight"]), config.norm_eps)
     if rank == 3 and not all_logits:
         h = g.op("Squeeze", g.op("Slice", h, g.ints(-1), g.ints(INT_MAX), g.ints(1)), g.ints(1))
     head = weights["embedding.weight"] if config.tie_embeddings else weights["lm_head.weight"]
-    logits = linear(g, h, g.weight("lm_head.weight.t", np.ascontiguousarray(head.T)))
+    logits = g.linear(h, g.weight("lm_head.weight.t", np.ascontiguousarray(head.T)))
     outputs = {"logits": logits, **presents}
-    if needs_position(config):
+    if config.uses_position():
         tokens = g.op("Shape", names["input_ids"], start=1, end=2)
         outputs["present.position"] = g.op("Add", position, tokens)
     for spec in io.outputs:

@@ -6,8 +6,9 @@
           outputs: the state a stream carries is fp32 whatever the precision.
     int8  onnxruntime.quantization.quantize_dynamic on the weight matrices (per-channel
           symmetric int8 weights, activations quantized per call), with the per-ISA
-          presets below; for TensorRT targets, weight-only int8 through DequantizeLinear
-          nodes (TensorRT's parser reads Q/DQ; its builder picks the kernels).
+          presets of ``edgeseq.choices.INT8_PRESETS``; for TensorRT targets, weight-only
+          int8 through DequantizeLinear nodes (TensorRT's parser reads Q/DQ; its builder
+          picks the kernels).
     int4  onnxruntime's MatMulNBitsQuantizer: block-wise symmetric int4 weights
           (MatMulNBits; the embedding table as GatherBlockQuantized), block size configurable.
 
@@ -29,21 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeseq.choices import INT8_PRESETS, PRECISIONS
 from edgeseq.errors import EdgeseqError
-
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-
-# int8 settings per instruction set, after the presets optimum ships for onnxruntime
-# (arm64, avx2, avx512, avx512_vnni): int8 symmetric per-channel weights everywhere; on
-# AVX2 without VNNI the u8 x s8 product can saturate its 16-bit accumulator, so weights
-# keep 7 bits (reduce_range).
-INT8_PRESETS = {
-    "arm64": {"per_channel": True, "reduce_range": False},
-    "avx2": {"per_channel": True, "reduce_range": True},
-    "avx512": {"per_channel": True, "reduce_range": False},
-    "avx512_vnni": {"per_channel": True, "reduce_range": False},
-    "qdq-weight-only": {},  # TensorRT: DequantizeLinear(int8 weight) -> MatMul
-}
 
 # Op types the fp16 conversion leaves in fp32 wherever they are: reductions, exponentials
 # and the recurrence ops of the opset-27 and TensorRT flavors.

@@ -9,11 +9,13 @@ pairs with (``STATE_PAIRS``); ``position`` is fed from ``present.position``.
 
 State shapes are fixed apart from the batch axis B, so memory is constant over a stream.
 Tolerances, per precision, live beside the spec: the validator and the users' CI helper
-read them from here.
+read them from here, and so does the drift rule (``drift_within``) that judges a long
+stream against an fp64 run of the model.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from edgeseq.config import ModelConfig
@@ -52,12 +54,9 @@ class GraphIO:
         }
 
 
-def needs_position(config: ModelConfig) -> bool:
-    return any(s.mixer == "attention" for s in config.layers)
-
-
 def state_specs(config: ModelConfig, prefix: str, state_dtype: str = "float32") -> list[TensorSpec]:
-    """past.{i}.conv / .ssm (Mamba2) or .key / .value (attention), in layer order."""
+    """past.{i}.<name> for every state tensor the layers' kinds declare (Mamba2: conv, ssm;
+    attention: key, value), in layer order."""
     specs = []
     for i, width in enumerate(full(config)):
         for kind, shape in layer_state_shapes(config, i, width).items():
@@ -75,7 +74,7 @@ def graph_io(config: ModelConfig, kind: str, all_logits: bool = False, state_dty
     outputs = [TensorSpec("logits", "float32", (BATCH, SEQ, config.vocab_size) if all_logits else (BATCH, config.vocab_size))]
     outputs += present
     pairs = [(p.name, q.name) for p, q in zip(past, present)]
-    if needs_position(config):
+    if config.uses_position():
         inputs.append(TensorSpec("position", "int64", (BATCH,)))
         outputs.append(TensorSpec("present.position", "int64", (BATCH,)))
         pairs.append(("position", "present.position"))
@@ -98,7 +97,8 @@ class Tolerance:
     max_abs_logit: float | None  # largest |candidate - reference| over all logits and steps
     top1_agreement: float  # fraction of positions whose argmax agrees
     kl: float  # mean KL(reference || candidate) per position, nats
-    drift: float | None  # largest |error| over the long stream (state fed back thousands of times)
+    drift: float | None  # largest |error| over the long stream (state fed back thousands of times);
+    # with an fp64 oracle the long stream is judged by drift_within instead, wherever this is not None
     bpb_delta: float  # held-out bits-per-byte increase allowed over the fp32 reference
     held_out_only: bool = False  # see above
 
@@ -109,3 +109,49 @@ TOLERANCES: dict[str, Tolerance] = {
     "int8": Tolerance(max_abs_logit=None, top1_agreement=0.95, kl=0.01, drift=None, bpb_delta=0.02, held_out_only=True),
     "int4": Tolerance(max_abs_logit=None, top1_agreement=0.90, kl=0.03, drift=None, bpb_delta=0.05, held_out_only=True),
 }
+
+
+# --- drift against fp64 ---------------------------------------------------------------
+# Over thousands of steps with the state fed back, every fp32 implementation drifts from
+# the exact model by its own rounding. Max abs logit distance from fp64 over 4096 greedy
+# steps from held-out text (width 1; width 0.5 in brackets):
+#
+#                        CPU reference     fp32 graph (ORT)   CUDA reference (H100)
+#     mamba2-tiny       8.4e-5 (9.2e-5)   9.2e-5 (9.3e-5)    2.9e-4 (1.0e-4)
+#     hybrid-tiny       7.5e-5 (1.2e-4)   6.1e-5 (1.0e-4)    9.5e-5 (1.4e-4)
+#
+# Held to 1e-4 of a CUDA reference, a correct graph fails; held to fp64, a candidate is
+# held to what fp32 itself achieves on the same stream, and a failure names the side.
+#
+# DRIFT_RATIO: correct implementations end within 3.4x of each other (CUDA vs CPU
+# reference, mamba2-tiny; graph vs CPU reference 0.8-1.1x, vs CUDA 0.3-1.0x), so 4 passes
+# a correct graph beside either reference; a graph run on a GPU beside a CPU reference
+# would pass too, with less room (CUDA vs CPU reached 3.9x at step 2048). Wrong graphs are
+# off by their own error, not rounding. One layer's A_log (the state's decay) or out_proj
+# off by 1e-3 relative ends 4.3e-3 to 0.1 from fp64: at least 6x its model's limit beside
+# either reference. Off by 1e-4 relative, 4.7e-4 to 1e-2: failed beside a CPU reference
+# (1.3x to 33x its limit), not always beside the noisiest CUDA one (mamba2-tiny at width
+# 1: limit 1.2e-3), the price of that reference's noise.
+# DRIFT_FLOOR: early in a stream every implementation sits a few 1e-6 from fp64 and their
+# ratios swing (CUDA 4.8x the graph at step 1024 of mamba2-tiny), but all stay under 1e-4
+# for the first 1024 steps, while wrong graphs of 1e-4 relative error are past 2.5e-4
+# within 64 steps. 1e-4 is also the old rule's fp32 drift limit: a short stream is held
+# where it was, only now against the exact model.
+DRIFT_RATIO = 4.0
+DRIFT_FLOOR = 1e-4
+
+
+def drift_limit(reference_distance: float) -> float:
+    """The largest max abs logit distance from fp64 a candidate may show over a stream on
+    which the fp32 reference shows ``reference_distance``. A reference that is itself
+    non-finite earns no allowance beyond the floor."""
+    if not math.isfinite(reference_distance):
+        return DRIFT_FLOOR
+    return max(DRIFT_RATIO * reference_distance, DRIFT_FLOOR)
+
+
+def drift_within(candidate_distance: float, reference_distance: float) -> bool:
+    """The drift rule: the candidate's max abs logit distance from fp64 over a stream is
+    at most DRIFT_RATIO x the fp32 reference's on the same stream, or at most DRIFT_FLOOR.
+    NaN never passes."""
+    return candidate_distance <= drift_limit(reference_distance)

@@ -16,7 +16,7 @@ c = ceil(t / q) chunks of q = chunk_size, k = h*p + 2*g*n conv channels, w = d_c
 The scan's dt is after softplus and clamp; the step's dt is in_proj's raw output (the
 kernel adds dt_bias, applies softplus and clamps to [dt_min, dt_max]). All tensors fp32.
 
-``register()`` needs TensorRT >= 10.9 (``tensorrt.plugin`` came in 10.6, ``aot_impl`` in
+``edgeseq.export.trt_register.register()`` needs TensorRT >= 10.9 (``tensorrt.plugin`` came in 10.6, ``aot_impl`` in
 10.9), i.e. JetPack 7 on Jetson; it is imported only there. The node contract
 (``PLUGINS``) is plain data, used by the exporter and by the onnxruntime binding that runs
 these nodes without TensorRT (``edgeseq.runtimes.plugin_ops``).
@@ -25,7 +25,6 @@ these nodes without TensorRT (``edgeseq.runtimes.plugin_ops``).
 import math
 from dataclasses import dataclass
 
-from edgeseq.errors import RuntimeUnavailableError
 
 NAMESPACE, VERSION, DOMAIN = "edgeseq", "1", "edgeseq.trt"
 MIN_TENSORRT = (10, 9)
@@ -91,27 +90,3 @@ def compute_capability_of(text: str) -> int:
     """ "8.7" -> 87 (a target profile's compute_capability)."""
     major, minor = text.split(".")
     return int(major) * 10 + int(minor)
-
-
-_registered: dict[str, int] = {}
-
-
-def register(cc: int) -> None:
-    """Register the three plugins with ``tensorrt.plugin`` for compute capability ``cc``
-    (87 = Jetson Orin, 90 = H100). Idempotent for one cc: TensorRT keeps one creator per name."""
-    if _registered:
-        if _registered["cc"] != cc:
-            raise RuntimeUnavailableError(
-                f"edgeseq's TensorRT plugins are registered for sm_{_registered['cc']}; build sm_{cc} in a new process"
-            )
-        return
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise RuntimeUnavailableError("TensorRT is not installed; install tensorrt>=10.9 on the target") from None
-    if tuple(int(v) for v in trt.__version__.split(".")[:2]) < MIN_TENSORRT or not hasattr(trt, "QuickPluginCreationRequest"):
-        raise RuntimeUnavailableError(f"TensorRT {trt.__version__} has no AOT Python plugins; install tensorrt>=10.9")
-    from edgeseq.export import _trt_defs
-
-    _trt_defs.define(cc)
-    _registered["cc"] = cc

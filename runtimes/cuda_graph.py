@@ -58,9 +58,7 @@ class GraphedDecoder:
         self._load(saved)
 
     def _context_limit(self) -> int | None:
-        config = self.model.config
-        has_global = any(s.mixer == "attention" and s.window is None for s in config.layers)
-        return config.attention.max_context if has_global else None
+        return self.model.config.stream_limit()
 
     def _count(self, tokens: int) -> None:
         if self._limit is not None and self._tokens + tokens > self._limit:

@@ -4,11 +4,18 @@ It takes the same feeds as the step or prefill ONNX graph of the model (``input_
 ``past.{i}.*``, ``position`` when the model has attention) and returns the same outputs
 (``logits``, ``present.{i}.*``, ``present.position``), so a comparator can put it beside
 any other runner. The model runs at its full width: export extracts first.
+
+``dtype="float64"`` makes it the fp64 oracle the long stream's drift is judged against:
+the model runs on an fp64 copy, and the runner's ``io`` declares every float input and
+output (state, logits) float64, so it takes and returns its own fp64 state; names,
+shapes and integer tensors are the graph's.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -27,11 +34,17 @@ class TorchRunner(Runner):
         device: str = "cpu",
         all_logits: bool = False,
         name: str | None = None,
+        dtype: str = "float32",
     ):
-        super().__init__(name or f"torch-{kind}-{device}")
-        self.model, self.kind, self.device, self.all_logits = model, kind, device, all_logits
-        self._io = graph_io(model.config, kind, all_logits)
-        self._fp32: NestedLM | None = None
+        """dtype: "float32" (the reference) or "float64" (the oracle); the model is copied
+        to it (and to ``device``) on activate unless it already is."""
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"TorchRunner runs float32 or float64, not {dtype!r}")
+        suffix = "" if dtype == "float32" else f"-{_FLOAT_DTYPES[dtype]}"
+        super().__init__(name or f"torch-{kind}-{device}{suffix}")
+        self.model, self.kind, self.device, self.all_logits, self.dtype = model, kind, device, all_logits, dtype
+        self._io = _float_io(graph_io(model.config, kind, all_logits), dtype)
+        self._model: NestedLM | None = None
 
     @property
     def io(self) -> GraphIO:
@@ -40,17 +53,17 @@ class TorchRunner(Runner):
     def _activate(self) -> None:
         import torch
 
-        weight = self.model.embedding.weight
-        if weight.dtype == torch.float32 and weight.device == torch.device(self.device):
-            self._fp32 = self.model  # already the reference; no copy
+        dtype, weight = getattr(torch, self.dtype), self.model.embedding.weight
+        if weight.dtype == dtype and weight.device == torch.device(self.device):
+            self._model = self.model  # already the reference (or oracle); no copy
         else:
             import copy
 
-            self._fp32 = copy.deepcopy(self.model).to(device=self.device, dtype=torch.float32)
-        self._fp32.eval()
+            self._model = copy.deepcopy(self.model).to(device=self.device, dtype=dtype)
+        self._model.eval()
 
     def _deactivate(self) -> None:
-        self._fp32 = None
+        self._model = None
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -69,12 +82,24 @@ class TorchRunner(Runner):
         state = ModelState.from_named(self.model.config, named)
         with torch.no_grad():
             if self.kind == "step":
-                logits, state = self._fp32.step(ids, state)  # (b, v)
+                logits, state = self._model.step(ids, state)  # (b, v)
                 if self.all_logits:
                     logits = logits[:, None]  # (b, 1, v)
             else:
-                logits, state = self._fp32(ids, state, last_only=not self.all_logits)
+                logits, state = self._model(ids, state, last_only=not self.all_logits)
         produced = {f"present.{k}": v for k, v in state.to_named().items()}
         produced["logits"] = logits
         # contiguous, as a graph's outputs are (the model's conv state is a strided view)
         return {spec.name: np.ascontiguousarray(produced[spec.name].cpu().numpy()) for spec in self.io.outputs}
+
+
+_FLOAT_DTYPES = {"float32": "fp32", "float64": "fp64"}
+
+
+def _float_io(io: GraphIO, dtype: str) -> GraphIO:
+    """``io`` with every float tensor declared ``dtype`` (the model computes state and
+    logits in its parameters' dtype); integer tensors (ids, positions) unchanged."""
+    if dtype == "float32":
+        return io
+    as_dtype = lambda specs: tuple(replace(t, dtype=dtype) if t.dtype.startswith("float") else t for t in specs)
+    return GraphIO(as_dtype(io.inputs), as_dtype(io.outputs), io.state_pairs)

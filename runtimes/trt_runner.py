@@ -93,7 +93,7 @@ class TensorRTRunner(Runner):
         builder = trt.Builder(logger)
         flags = 0
         if self.edgeseq_plugins_cc is not None:
-            from edgeseq.export.trt_plugins import register
+            from edgeseq.export.trt_register import register
 
             register(self.edgeseq_plugins_cc)
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)

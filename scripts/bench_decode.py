@@ -20,7 +20,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edgeseq.config import Mamba2Params, ModelConfig
+from edgeseq.config import ModelConfig
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.export.graphs import build_graph
 from edgeseq.export.spec import graph_io
 from edgeseq.extract import extract

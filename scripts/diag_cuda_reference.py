@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from edgeseq.extract import extract
-from edgeseq.pipeline import stream_start
+from edgeseq.deploy.validation import stream_start
 from edgeseq.width import WidthSpec
 from edgeseq.zoo import load_model
 

@@ -16,12 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
+from edgeseq.choices import DEVICES
+
 CELLS = [(m, w) for m in ("mamba2-tiny", "hybrid-tiny") for w in ("1", "0.5", "0.25")]
 
 
 def cell(args) -> dict:
     model, width, steps, long_steps, work, threads, device = args
-    from edgeseq.pipeline import ExportRequest, export_bundle
+    from edgeseq.deploy.pipeline import ExportRequest, export_bundle
     from edgeseq.width import WidthSpec
 
     out = Path(work) / f"{model}-w{width}"
@@ -63,7 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--long-steps", type=int, default=4096)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the reference runs")
+    ap.add_argument("--device", default="auto", choices=DEVICES, help="where the reference runs")
     args = ap.parse_args()
     jobs = [(m, w, args.steps, args.long_steps, args.work, args.threads, args.device) for m, w in CELLS]
     with mp.get_context("spawn").Pool(args.jobs) as pool:

@@ -18,7 +18,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+from edgeseq.choices import DEVICES, PRECISIONS
 
 
 def edgeseq(*args: str) -> dict:
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--bench-threads", type=int, default=2)
     ap.add_argument("--bench-steps", type=int, default=400)
     ap.add_argument("--no-bench", action="store_true")
-    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where the reference runs")
+    ap.add_argument("--device", default="cpu", choices=DEVICES, help="where the reference runs")
     ap.add_argument("--validated", help="JSON of an earlier run (e.g. a faster machine): take its validation "
                     "figures, export here without validating, check the graphs are byte-identical, bench here")
     args = ap.parse_args()

@@ -10,9 +10,6 @@ from functools import cache
 from pathlib import Path
 
 from edgeseq.targets.profile import (
-    FLAVORS,
-    PRECISIONS,
-    RUNTIMES,
     ProfileError,
     SizeError,
     Target,
@@ -24,8 +21,8 @@ from edgeseq.targets.profile import (
 PROFILES = Path(__file__).parent / "profiles"
 
 __all__ = [
-    "FLAVORS", "PRECISIONS", "PROFILES", "RUNTIMES", "ProfileError", "SizeError", "Target", "UnknownTargetError",
-    "all_targets", "get_target", "known_targets", "load_profile", "parse_bytes",
+    "PROFILES", "ProfileError", "SizeError", "Target", "UnknownTargetError", "all_targets", "get_target",
+    "known_targets", "load_profile", "parse_bytes",
 ]  # fmt: skip
 
 

@@ -1,17 +1,6 @@
-"""The sizing model: what each nested width and precision costs on a target, and the
-choice ``edgeseq export`` makes when no width is given.
-
-Bytes are those the exported graphs store (``export.quantize`` says what each precision
-does to which tensor):
-
-    matrices (projections, MLP, head)   fp32 4 B, fp16 2 B, int8 1 B + a 4 B scale and a
-                                        1 B zero point per output channel, int4 0.5 B + a
-                                        4 B scale per block of ``INT4_BLOCK`` weights
-    embedding table (a Gather)          fp32 4 B, fp16 2 B, int8 4 B (onnxruntime's dynamic
-                                        quantizer leaves Gather alone), int4 as matrices
-    everything else                     fp32 (conv kernels, A, D, dt bias, norms, biases)
-
-A tied head is stored once more, transposed, as the head matrix. A bundle carries a step
+"""What each nested width and precision costs on a target, and the choice ``edgeseq
+export`` makes when no width is given. Bytes come from the one sizing model
+(``edgeseq.sizing.footprint``, which ``inspect`` shows too). A bundle carries a step
 and a prefill graph, and a streaming session holds both, so weights count twice in the
 bundle and in memory.
 
@@ -23,83 +12,20 @@ or the compute time at the same efficiency where that is longer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import torch
-
+from edgeseq.choices import PRECISIONS
 from edgeseq.config import ModelConfig
 from edgeseq.errors import EdgeseqError
-from edgeseq.extract import extracted_config
-from edgeseq.model import NestedLM
-from edgeseq.sizing import state_bytes
-from edgeseq.width import LayerWidth, WidthSpec, resolve
+from edgeseq.sizing import Footprint, footprint, state_bytes
+from edgeseq.width import WidthSpec, resolve
 
-PRECISION_ORDER = ("fp32", "fp16", "int8", "int4")  # most faithful first
-INT4_BLOCK = 32
 RUNTIME_OVERHEAD = 48 * 2**20  # allowance for onnxruntime (estimate; the app around it is not counted)
 PREFILL_TOKENS = 512  # the prompt chunk the working-memory estimate allows for
 
 
 class NoFitError(EdgeseqError):
     """No configuration of the model fits the target's memory (or speed floor)."""
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Parameter counts of one extracted model, by how the graphs store them."""
-
-    matrix: int  # 2-D weights fed to MatMul (the head included, tied or not)
-    matrix_columns: int  # their output channels (int8 scales)
-    embedding: int  # the Gather table
-    other: int  # 1-D and conv parameters, always fp32
-    d_model: int
-    widest_output: int  # the largest projection output per token (in_proj's)
-
-    @property
-    def flops_per_token(self) -> int:
-        return 2 * self.matrix  # a multiply-add per matrix weight
-
-    def weight_bytes(self, precision: str) -> int:
-        """Bytes of the weights one graph stores."""
-        return _matrix_bytes(self.matrix, self.matrix_columns, precision) + _table_bytes(self.embedding, precision) \
-            + 4 * self.other
-
-    def bytes_read_per_token(self, precision: str) -> int:
-        """Weights a decode step reads: all but the embedding table, of which one row."""
-        return self.weight_bytes(precision) - _table_bytes(self.embedding, precision) + _table_bytes(self.d_model, precision)
-
-
-def _matrix_bytes(count: int, columns: int, precision: str) -> int:
-    if precision == "int8":
-        return count + 5 * columns  # int8 weights + a 4 B scale and a 1 B zero point per output channel
-    return _table_bytes(count, precision)
-
-
-def _table_bytes(count: int, precision: str) -> int:
-    if precision == "int4":
-        return math.ceil(count / 2) + 4 * math.ceil(count / INT4_BLOCK)
-    rate = {"fp32": 4, "fp16": 2, "int8": 4}.get(precision)  # int8 leaves the Gather table fp32
-    if rate is None:
-        raise EdgeseqError(f"unknown precision {precision!r}; use one of {', '.join(PRECISION_ORDER)}")
-    return rate * count
-
-
-def footprint(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> Footprint:
-    """Counted on a ``meta``-device model: nothing is allocated."""
-    with torch.device("meta"):
-        model = NestedLM(extracted_config(config, widths))
-    matrix = columns = embedding = other = widest = 0
-    for name, p in model.named_parameters():
-        if name == "embedding.weight":
-            embedding += p.numel()
-            if config.tie_embeddings:  # the head: the same table, transposed, as a MatMul weight
-                matrix, columns = matrix + p.numel(), columns + p.shape[0]
-        elif p.dim() == 2:
-            matrix, columns, widest = matrix + p.numel(), columns + p.shape[0], max(widest, p.shape[0])
-        else:
-            other += p.numel()
-    return Footprint(matrix, columns, embedding, other, config.d_model, widest)
 
 
 @dataclass(frozen=True)
@@ -155,7 +81,7 @@ def plan(config: ModelConfig, target, streams: int = 1, min_tokens_per_s: float 
         layer_widths = resolve(config, WidthSpec.parse(spec))
         fp = footprint(config, layer_widths)
         state = state_bytes(config, layer_widths)
-        for precision in (p for p in PRECISION_ORDER if p in target.precisions):
+        for precision in (p for p in PRECISIONS if p in target.precisions):
             rows.append(_row(spec, kind, precision, fp, state, config, target, streams, budget, min_tokens_per_s))
     return rows
 
@@ -170,14 +96,10 @@ def _row(spec, kind, precision, fp: Footprint, state: int, config, target, strea
     compute_s = streams * fp.flops_per_token / (rate * 1e12 * target.efficiency) if rate > 0 else 0.0
     decode_ms = 1000 * max(memory_s, compute_s)
     return PlanRow(
-        width=spec, kind=kind, precision=precision, params=fp.matrix + fp.embedding + fp.other - _tied(config, fp),
+        width=spec, kind=kind, precision=precision, params=fp.params,
         weight_bytes=weights, bundle_bytes=2 * weights, state_bytes=state, peak_bytes=peak, decode_ms=decode_ms,
         fits=peak <= budget, fast_enough=min_tps is None or 1000.0 / decode_ms >= min_tps,
     )  # fmt: skip
-
-
-def _tied(config: ModelConfig, fp: Footprint) -> int:
-    return fp.embedding if config.tie_embeddings else 0
 
 
 @dataclass(frozen=True)
@@ -196,7 +118,7 @@ def choose(rows: list[PlanRow], target, budget: int | None = None, min_tokens_pe
     widest = max(r.params for r in ok)
     at_width = [r for r in ok if r.params == widest]
     default = [r for r in at_width if r.precision == target.default_precision]
-    pick = default[0] if default else min(at_width, key=lambda r: PRECISION_ORDER.index(r.precision))
+    pick = default[0] if default else min(at_width, key=lambda r: PRECISIONS.index(r.precision))
     reasons = [
         (f"width {pick.width} is the widest configuration that fits {_mib(budget)} for the model on {target.name} "
          f"(peak {_mib(pick.peak_bytes)})"),

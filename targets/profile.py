@@ -12,17 +12,13 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeseq.choices import FLAVORS, INT8_PRESETS, PRECISIONS, RUNTIMES
 from edgeseq.errors import EdgeseqError
-
-RUNTIMES = ("onnxruntime", "tensorrt")
-INT8_PRESETS = ("arm64", "avx2", "avx512", "avx512_vnni", "qdq-weight-only")  # export.quantize.INT8_PRESETS
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-FLAVORS = ("portable", "opset27", "tensorrt")
 
 
 class UnknownTargetError(EdgeseqError):
@@ -50,7 +46,7 @@ class Target:
     execution_providers: tuple[str, ...]  # onnxruntime EPs in preference order (TensorRT: the portable fallback)
     precisions: tuple[str, ...]  # the ones the device runs well
     default_precision: str
-    int8_preset: str  # how int8 is made (export.quantize.INT8_PRESETS): the ISA, or Q/DQ for TensorRT
+    int8_preset: str  # how int8 is made (choices.INT8_PRESETS): the ISA, or Q/DQ for TensorRT
     flavors: tuple[str, ...]  # graphs a bundle carries; the first is the default to run
     min_runtime_version: str
     compute_capability: str | None  # CUDA devices only
@@ -133,7 +129,7 @@ def _memory(value: Any) -> int:
         raise ValueError from None
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+def _one_of(choices: Collection[str]) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in choices:
             raise ValueError

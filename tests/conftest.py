@@ -13,7 +13,9 @@ import os
 import pytest
 import torch
 
-from edgeseq.config import AttentionParams, Mamba2Params, ModelConfig
+from edgeseq.config import ModelConfig
+from edgeseq.kinds.attention import AttentionParams
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.model import NestedLM
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -8,12 +8,15 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from edgeseq.cli import _emit_json, json_option, main
+from edgeseq.choices import DEVICES, FLAVORS, PRECISIONS
+from edgeseq.cli.common import _emit_json, json_option, main
+from edgeseq.deploy.runtimes import TENSORRT
 from edgeseq.errors import EdgeseqError
 from edgeseq.width import WidthSpec
 
-FLAVOR_CHOICE = click.Choice(["portable", "opset27", "tensorrt"])
-PRECISION_CHOICE = click.Choice(["fp32", "fp16", "int8", "int4"])
+FLAVOR_CHOICE = click.Choice(FLAVORS)
+PRECISION_CHOICE = click.Choice(PRECISIONS)
+DEVICE_CHOICE = click.Choice(DEVICES)
 
 
 def _spec(width: str | None, widths: str | None) -> WidthSpec | None:
@@ -60,7 +63,7 @@ def _bundle_name(model: str | None, target: str, spec: WidthSpec | None, precisi
 @click.option("--long-steps", type=int, default=4096, show_default=True, help="Length of the drift stream.")
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest says so).")
 @click.option("--embed-reference", is_flag=True, help="Carry the fp32 reference checkpoint in the bundle.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
               help="Where the PyTorch reference runs during validation.")
 @click.option("--threads", type=int, help="onnxruntime threads during validation (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -80,7 +83,7 @@ def export(model, target, width, widths, precision, memory_budget, min_tokens_pe
       edgeseq export --target raspberry-pi-5
       edgeseq export --model hybrid-tiny --target x86 --width 1/4 --quant int8 -o out/h
     """
-    from edgeseq.pipeline import ExportRequest, export_bundle
+    from edgeseq.deploy.pipeline import ExportRequest, export_bundle
     from edgeseq.targets import get_target
 
     spec = _spec(width, widths)
@@ -124,7 +127,7 @@ def quantize(bundle, precision, output, int4_block_size, reference, steps, long_
     Example:
       edgeseq quantize out/mamba2-tiny-x86-64-cpu-w0.5 --quant int4 -o out/w0.5-int4
     """
-    from edgeseq.pipeline import quantize_bundle
+    from edgeseq.deploy.pipeline import quantize_bundle
 
     if precision == "fp32":
         raise EdgeseqError("the bundle is already fp32; use --quant fp16, int8 or int4")
@@ -141,7 +144,7 @@ def quantize(bundle, precision, output, int4_block_size, reference, steps, long_
 @click.option("--flavor", type=FLAVOR_CHOICE, help="Validate only this flavor's graphs.")
 @click.option("--steps", type=int, default=256, show_default=True)
 @click.option("--long-steps", type=int, default=4096, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
               help="Where the PyTorch reference runs.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the JSON report here (one per flavor: FLAVOR-REPORT).")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write the long-stream error plot here (PNG).")
@@ -160,7 +163,7 @@ def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golde
       edgeseq validate BUNDLE --save-golden golden.safetensors      # on a machine with PyTorch
       edgeseq validate BUNDLE --golden golden.safetensors           # on the device, no PyTorch
     """
-    from edgeseq.validation_cli import run_validation
+    from edgeseq.deploy.validation import run_validation
 
     outcome = run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden, reference)
     if as_json:
@@ -185,7 +188,8 @@ def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golde
 @click.option("--top-k", type=int, default=40, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--flavor", type=FLAVOR_CHOICE, help="Which graphs to run (default: the bundle's first).")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=int, default=None,
+              help="Runtime threads (default: the target profile's, at most this machine's cores; 0: all cores).")
 @json_option
 def run(bundle, prompt, n, temperature, top_k, seed, flavor, threads, as_json):
     """Stream text from a bundle through onnxruntime; PyTorch is not imported.
@@ -194,7 +198,7 @@ def run(bundle, prompt, n, temperature, top_k, seed, flavor, threads, as_json):
     Example:
       edgeseq run out/mamba2-tiny-x86-64-cpu-w0.5 --prompt "import " -n 300
     """
-    from edgeseq.run_bundle import stream_text
+    from edgeseq.deploy.run import stream_text
 
     if n < 1:
         raise EdgeseqError("-n must be at least 1")
@@ -227,7 +231,7 @@ def bench(bundle, steps, prompt_len, threads, out, only, as_json):
     """
     import json
 
-    from edgeseq.benchmark import bench_bundle
+    from edgeseq.deploy.bench import bench_bundle
 
     rows = bench_bundle(bundle, steps, prompt_len, threads, list(only) or None)
     doc = {"bundle": str(bundle), "threads": threads, "steps": steps, "prompt_len": prompt_len, "rows": rows}
@@ -250,7 +254,7 @@ def bench(bundle, steps, prompt_len, threads, out, only, as_json):
 @main.command("build-engine")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--target", help="Profile the engine is for (default: the bundle's); its GPU must be this one.")
-@click.option("--flavor", type=click.Choice(["tensorrt", "portable"]),
+@click.option("--flavor", type=click.Choice(TENSORRT.flavors),
               help="Graphs to build from (default: tensorrt if the bundle has it, else portable).")
 @click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch the engines take.")
 @click.option("--max-sequence", type=int, default=2048, show_default=True, help="Longest prefill the engine takes.")
@@ -264,7 +268,7 @@ def build_engine(bundle, target, flavor, max_batch, max_sequence, output, as_jso
     Example (on the Jetson):
       edgeseq build-engine out/mamba2-tiny-jetson-orin-nano-8gb-w0.5
     """
-    from edgeseq.engine import build_engines
+    from edgeseq.deploy.engine import build_engines
 
     console = Console(stderr=as_json)
     path = build_engines(bundle, target, flavor, max_batch, max_sequence, output, _progress_printer(console))

@@ -10,18 +10,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgeseq.cli import DEFAULT_MODEL, _bytes, _count, _emit_json, _trained, json_option, main, model_argument
+from edgeseq.choices import FORMATS, PRECISIONS, WRITABLE_FORMATS
+from edgeseq.cli.common import DEFAULT_MODEL, _bytes, _count, _emit_json, _trained, json_option, main, model_argument
 from edgeseq.errors import EdgeseqError, WidthError
 from edgeseq.width import WidthSpec, resolve
 
 SIZE_NOTE = (
-    "int8/int4: 2-D weight matrices at 1 and 1/2 byte per parameter, other parameters "
-    "(norms, biases, conv, A_log, D, dt_bias) at fp32, scales not counted. "
-    "state/stream: fp32 decode state of one stream."
+    "Weights as one exported graph stores them (the sizing model `edgeseq plan` uses): int8/int4 "
+    "matrices with their scales, the int8 embedding table at fp32, a tied head stored again as a "
+    "matrix, norms/biases/conv/A/D at fp32. state/stream: fp32 decode state of one stream."
 )
 
-WRITABLE_FORMATS = ["hf", "native"]
-FORMATS = ["hf", "hf_bamba", "mamba_ssm", "native"]
 
 @main.command()
 @model_argument
@@ -38,7 +37,7 @@ def inspect(model: str, fmt: str | None, as_json: bool) -> None:
       edgeseq inspect hybrid-tiny
       edgeseq inspect out/mamba2-tiny-w0.5 --json
     """
-    from edgeseq.sizing import BYTES_PER_PARAM, layer_pattern, nested_sizes
+    from edgeseq.sizing import layer_pattern, nested_sizes
     from edgeseq.zoo import load_model
 
     lm, metadata = load_model(model, fmt)
@@ -65,14 +64,14 @@ def inspect(model: str, fmt: str | None, as_json: bool) -> None:
     table = Table(caption=SIZE_NOTE, caption_justify="left")
     table.add_column("width")
     table.add_column("params", justify="right")
-    for dtype in BYTES_PER_PARAM:
+    for dtype in PRECISIONS:
         table.add_column(dtype, justify="right")
     table.add_column("state/stream", justify="right")
     for row in rows:
         table.add_row(
             row.label,
             _count(row.params),
-            *(_bytes(row.weight_bytes(dtype)) for dtype in BYTES_PER_PARAM),
+            *(_bytes(row.weight_bytes(dtype)) for dtype in PRECISIONS),
             _bytes(row.state_bytes),
         )
     console.print(table)
@@ -156,6 +155,13 @@ def extract(model: str, width: str | None, widths: str | None, output: Path, fmt
         _print_extracted(doc)
 
 
+def _kept(part: dict[str, int]) -> str:
+    """{"heads": 4, "heads_total": 8, "kv_heads": 4, "kv_heads_total": 8} -> "4/8 (kv 4/8)"."""
+    counts = [(k, v, part[f"{k}_total"]) for k, v in part.items() if not k.endswith("_total")]
+    (_, kept, total), rest = counts[0], counts[1:]
+    return f"{kept}/{total}" + "".join(f" ({k.split('_')[0]} {v}/{t})" for k, v, t in rest)
+
+
 def _print_extracted(doc: dict[str, Any]) -> None:
     console = Console()
     console.print(
@@ -164,14 +170,11 @@ def _print_extracted(doc: dict[str, Any]) -> None:
         highlight=False,
     )
     table = Table()
-    for name in ("layer", "mixer", "heads kept", "MLP units kept"):
-        table.add_column(name, justify="left" if name == "mixer" else "right")
+    for name in ("layer", "part", "kept"):
+        table.add_column(name, justify="left" if name == "part" else "right")
     for row in doc["layers"]:
-        heads = f"{row['heads']}/{row['heads_total']}"
-        if "kv_heads" in row:
-            heads += f" (kv {row['kv_heads']}/{row['kv_heads_total']})"
-        mlp = f"{row['d_mlp']}/{row['d_mlp_total']}" if row["d_mlp_total"] else "-"
-        table.add_row(str(row["layer"]), row["mixer"], heads, mlp)
+        for n, (kind, kept) in enumerate(row["parts"].items()):
+            table.add_row(str(row["layer"]) if n == 0 else "", kind, _kept(kept))
     console.print(table)
     kept, full = doc["size"], doc["source_size"]
     console.print(

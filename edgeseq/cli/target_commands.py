@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgeseq.cli import _bytes, _count, _emit_json, json_option, main, model_argument
+from edgeseq.cli.common import _bytes, _count, _emit_json, json_option, main, model_argument
 
 TARGETS_NOTE = (
     "memory: what the model may use (weights, state, working memory), not the board's total. "

@@ -1,162 +1,23 @@
-"""Checkpoint families: one module per format, registered with ``@register``.
+"""Checkpoint families: one module per format (``hf``, ``hf_bamba``, ``mamba_ssm``,
+``native``), each registered with ``@register`` in ``edgeseq.families.base``, which also
+holds loading (``load_checkpoint``: names, shapes and values checked against the config)
+and atomic writing (``save_checkpoint``)."""
 
-A family recognises its directories (``detect``), reads a config and tensors renamed to
-the native names (``read``), and may write (``write``). ``load_model`` checks every
-tensor's name, shape and values against the config before building the model.
-"""
+from edgeseq.families.base import (  # noqa: F401
+    FAMILIES,
+    Family,
+    build_model,
+    detect_family,
+    get_family,
+    known_formats,
+    load_checkpoint,
+    lookup,
+    peek_json,
+    read_json,
+    read_safetensors,
+    register,
+    save_checkpoint,
+)
 
-from __future__ import annotations
-
-import json
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
-from safetensors import SafetensorError
-
-from edgeseq.config import ModelConfig
-from edgeseq.errors import CheckpointError, UnknownFormatError
-from edgeseq.model import NestedLM
-
-FAMILIES: dict[str, type[Family]] = {}
-
-
-def register(cls: type[Family]) -> type[Family]:
-    FAMILIES[cls.name] = cls
-    return cls
-
-
-class Family:
-    name: ClassVar[str]
-    description: ClassVar[str]
-    writable: ClassVar[bool] = False
-
-    @classmethod
-    def detect(cls, path: Path) -> bool:
-        raise NotImplementedError
-
-    @classmethod
-    def read(cls, path: Path) -> tuple[ModelConfig, Iterable[tuple[str, torch.Tensor]], dict[str, Any]]:
-        """-> config, (native name, tensor) pairs, metadata."""
-        raise NotImplementedError
-
-    @classmethod
-    def write(cls, model: NestedLM, path: Path, metadata: dict[str, Any] | None = None) -> None:
-        """Write into the (new, empty) directory ``path``."""
-        raise CheckpointError(f"format {cls.name!r} is read-only; write with --format native")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found; a checkpoint directory needs its config.json")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); fix or regenerate it") from None
-
-
-def peek_json(path: Path) -> dict[str, Any] | None:
-    """config.json of a directory as a dict, or None where there is none that parses
-    (detection must not fail: the chosen family's read reports a damaged file)."""
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        raw = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return raw if isinstance(raw, dict) else None
-
-
-def lookup(d: dict[str, Any], *aliases: str, default: Any = KeyError) -> Any:
-    """The first of ``aliases`` present in ``d`` (hyperparameter names differ by family)."""
-    for a in aliases:
-        if a in d:
-            return d[a]
-    if default is KeyError:
-        raise CheckpointError(f"config.json lacks {aliases[0]!r}; add it or re-export the checkpoint")
-    return default
-
-
-def known_formats() -> str:
-    return ", ".join(f"{n} ({c.description})" for n, c in sorted(FAMILIES.items()))
-
-
-def get_family(name: str) -> type[Family]:
-    if name not in FAMILIES:
-        raise UnknownFormatError(f"unknown format {name!r}; known formats: {known_formats()}")
-    return FAMILIES[name]
-
-
-def detect_family(path: Path) -> type[Family]:
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist; give a model directory or a built-in model name")
-    for family in FAMILIES.values():
-        if family.detect(path):
-            return family
-    if (path / "config.json").is_file():
-        read_json(path / "config.json")  # a damaged config.json gets its own error, not "unknown format"
-    raise UnknownFormatError(f"{path} is in no known checkpoint format; known formats: {known_formats()}")
-
-
-def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype=torch.float32) -> NestedLM:
-    """A model from renamed tensors, after checking names, shapes and finiteness."""
-    with torch.device("meta"):
-        model = NestedLM(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = dict(tensors)
-    if config.tie_embeddings:
-        given.pop("lm_head.weight", None)  # some writers store the tied copy too
-    missing = sorted(set(expected) - set(given))
-    if missing:
-        raise CheckpointError(
-            f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; "
-            "it does not match its config, re-export it or fix config.json"
-        )
-    unexpected = sorted(set(given) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}; check its config")
-    for name, shape in expected.items():
-        if tuple(given[name].shape) != shape:
-            raise CheckpointError(
-                f"tensor {name} has shape {tuple(given[name].shape)} but the config implies {shape}; "
-                "the checkpoint and its config disagree, re-export it or fix config.json"
-            )
-        t = given[name]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise CheckpointError(f"tensor {name} holds {bad} NaN/Inf values; the checkpoint is damaged, re-export it")
-        given[name] = t.to(dtype)
-    model.load_state_dict(given, strict=True, assign=True)
-    return model
-
-
-def load_checkpoint(path: str | Path, format: str | None = None, dtype=torch.float32) -> tuple[NestedLM, dict[str, Any]]:
-    """(model, metadata) from a checkpoint directory or file in any registered format."""
-    path = Path(path)
-    family = get_family(format) if format else detect_family(path)
-    config, tensors, metadata = family.read(path)
-    metadata = {"format": family.name, **metadata}
-    return build_model(config, tensors, dtype), metadata
-
-
-def save_checkpoint(model: NestedLM, path: str | Path, format: str = "native", metadata=None, overwrite=False) -> Path:
-    """Write atomically: nothing appears at ``path`` unless the whole write succeeds."""
-    from edgeseq.io import atomic_dir
-
-    family = get_family(format)
-    if not family.writable:
-        family.write(model, Path(path))  # raises the read-only error
-    try:
-        with atomic_dir(path, overwrite=overwrite) as tmp:
-            family.write(model, tmp, metadata)
-    except (OSError, SafetensorError) as e:  # disk full, no permission: a user-fixable error, not a crash
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        msg = f"could not write {path} ({reason}); nothing was written, free space or pick another path"
-        raise CheckpointError(msg) from None
-    return Path(path)
-
-
-# Register the built-in families (import for side effects, after the registry exists).
-from edgeseq.families import hf_bamba, hf_mamba2, mamba_ssm, native  # noqa: F401
+# Register the built-in families (import for side effects).
+from edgeseq.families import hf_bamba, hf_mamba2, mamba_ssm, native  # noqa: E402, F401  isort: skip

@@ -28,9 +28,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edgeseq.config import AttentionParams, LayerSpec, Mamba2Params, ModelConfig
+from edgeseq.config import LayerSpec, ModelConfig
+from edgeseq.kinds.attention import ATTENTION, AttentionParams
+from edgeseq.kinds.mamba2 import MAMBA2, Mamba2Params
 from edgeseq.errors import CheckpointError
-from edgeseq.families import Family, lookup, read_json, register
+from edgeseq.families.base import Family, lookup, read_json, register
 from edgeseq.families.hf_mamba2 import (
     Rules,
     check_silu,
@@ -73,7 +75,7 @@ def _layers(raw: dict[str, Any], n_layer: int) -> tuple[LayerSpec, ...]:
     attn = lookup(raw, "attn_layer_indices", default=None) or []
     if any(not isinstance(i, int) or not 0 <= i < n_layer for i in attn):
         raise CheckpointError(f"attn_layer_indices {attn} name layers outside 0..{n_layer - 1}; fix config.json")
-    return tuple(LayerSpec("attention" if i in attn else "mamba2", mlp=True) for i in range(n_layer))
+    return tuple(LayerSpec.of(ATTENTION.name if i in attn else MAMBA2.name, mlp=True) for i in range(n_layer))
 
 
 def read_config(raw: dict[str, Any]) -> ModelConfig:

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from edgeseq.config import LayerSpec, Mamba2Params, ModelConfig
+from edgeseq.config import LayerSpec, ModelConfig
+from edgeseq.kinds.mamba2 import MAMBA2, Mamba2Params
 from edgeseq.errors import CheckpointError
-from edgeseq.families import Family, lookup, peek_json, read_json, register
-from edgeseq.io import read_safetensors
+from edgeseq.families.base import Family, lookup, peek_json, read_json, read_safetensors, register
 from edgeseq.model import NestedLM
 
 Rules = tuple[tuple[re.Pattern[str], str], ...]
@@ -165,7 +165,7 @@ def read_config(raw: dict[str, Any]) -> ModelConfig:
         d_model=d_model,
         n_layer=n_layer,
         vocab_size=lookup(raw, "vocab_size"),
-        layers=(LayerSpec("mamba2"),) * n_layer,
+        layers=(LayerSpec.of(MAMBA2.name),) * n_layer,
         mamba=mamba,
         tie_embeddings=lookup(raw, "tie_word_embeddings", "tie_embeddings", default=False),
         norm_eps=lookup(raw, "layer_norm_epsilon", "norm_epsilon", "rms_norm_eps", default=1e-5),
@@ -181,11 +181,11 @@ def edgeseq_entry(raw: dict[str, Any]) -> dict[str, Any]:
 
 def writable_heads(config: ModelConfig) -> int:
     """The one head count of every layer, if Mamba2Config can describe the model."""
-    if any(s.mixer != "mamba2" or s.mlp for s in config.layers):
+    if any(s.parts != (MAMBA2.name,) for s in config.layers):
         raise CheckpointError(
             "format 'hf' holds pure Mamba2 models and this one has attention or MLP layers; write with --format native"
         )
-    heads = sorted({config.layer_heads(i) for i in range(config.n_layer)})
+    heads = sorted({config.part_size(i, MAMBA2.name) for i in range(config.n_layer)})
     if len(heads) > 1:
         raise CheckpointError(
             f"format 'hf' needs the same heads in every layer (this model has {heads}); "

@@ -38,10 +38,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from edgeseq.config import AttentionParams, LayerSpec, Mamba2Params, ModelConfig
+from edgeseq.config import LayerSpec, ModelConfig
+from edgeseq.kinds import get_kind
+from edgeseq.kinds.attention import ATTENTION, AttentionParams
+from edgeseq.kinds.mamba2 import MAMBA2, Mamba2Params
 from edgeseq.errors import CheckpointError
-from edgeseq.families import Family, lookup, peek_json, read_json, register
-from edgeseq.io import read_safetensors
+from edgeseq.families.base import Family, lookup, peek_json, read_json, read_safetensors, register
 
 NATIVE_TAG = "edgeseq"  # native config.json carries {"format": "edgeseq"}
 MATMAMBA_WIDTHS = (1.0, 0.5, 0.25, 0.125)  # MatMamba's trained mrl levels 1, 2, 4, 8
@@ -189,7 +191,7 @@ def _config(raw: dict[str, Any], tensors: dict[str, Tensor]) -> tuple[ModelConfi
     attention = _attention_params(attn, d_model) if attn_idx else None
     vocab, vocab_unpadded = _vocab(raw, tensors)
     d_mlp = _d_mlp(raw, tensors)
-    layers = tuple(LayerSpec("attention" if i in attn_idx else "mamba2", mlp=d_mlp > 0) for i in range(n_layer))
+    layers = tuple(LayerSpec.of(ATTENTION.name if i in attn_idx else MAMBA2.name, mlp=d_mlp > 0) for i in range(n_layer))
     try:
         config = ModelConfig(
             d_model=d_model,
@@ -204,7 +206,8 @@ def _config(raw: dict[str, Any], tensors: dict[str, Tensor]) -> tuple[ModelConfi
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config.json holds a malformed value ({e}); fix it") from None
-    if layer_kind == "MatMamba2":
+    if layer_kind == "MatMamba2":  # MatMamba nests the Mamba2 inner width only, never MLPs or attention
+        config = config.replace(nested_kinds=(MAMBA2.name,))
         config = config.replace(nested_widths=_whole_widths(config, MATMAMBA_WIDTHS))
     else:
         config = config.replace(nested_widths=(1.0,))
@@ -338,10 +341,8 @@ def _d_mlp(raw: dict[str, Any], tensors: dict[str, Tensor]) -> int:
 
 def _whole_widths(config: ModelConfig, widths: tuple[float, ...]) -> tuple[float, ...]:
     """Those of ``widths`` that keep a whole number of every layer's nesting units."""
-    mixers = {s.mixer for s in config.layers}
-    units = [config.mamba_heads_full() // config.mamba.ngroups] if "mamba2" in mixers else []
-    if "attention" in mixers:
-        units.append(config.attention.n_kv_heads)
-    if config.d_mlp:
-        units.append(config.d_mlp)
+    units = {
+        get_kind(part).units(config, i, config.part_size(i, part))[0]
+        for i, spec in enumerate(config.layers) for part in spec.parts if config.is_nested(part)
+    }  # fmt: skip
     return tuple(w for w in widths if all(w * u >= 1 and float(w * u).is_integer() for u in units)) or (1.0,)

@@ -10,8 +10,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from edgeseq.config import ModelConfig
-from edgeseq.families import Family, peek_json, read_json, register
-from edgeseq.io import read_safetensors
+from edgeseq.families.base import Family, peek_json, read_json, read_safetensors, register
 from edgeseq.model import NestedLM
 
 FORMAT_TAG = "edgeseq"

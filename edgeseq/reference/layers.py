@@ -66,9 +66,9 @@ def gated_rmsnorm_ref(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_si
     return (weight.to(dt) * groups.flatten(-2)).to(x.dtype)
 
 
-def gated_mlp_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-    """down(silu(gate(x)) * up(x)). x (..., d); w_gate, w_up (f, d); w_down (d, f)."""
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+def gated_mlp_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, act=F.silu) -> Tensor:
+    """down(act(gate(x)) * up(x)), act SiLU unless given. x (..., d); w_gate, w_up (f, d); w_down (d, f)."""
+    return F.linear(act(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
 def rope_ref(x: Tensor, positions: Tensor, theta: float, rot_dim: int) -> Tensor:

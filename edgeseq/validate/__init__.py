@@ -3,6 +3,8 @@
     metrics   per-output error statistics (numpy only)
     results   Comparison (accumulates over calls), typed failures, PhaseResult, CompareResult
     compare   drives any two runners: prefill, decode with state fed back, the long stream
+              (its drift judged against an fp64 oracle when one is given)
+    drift     OracleDrift: the long stream's distances from fp64 and the drift rule's verdict
     golden    reference calls saved as safetensors, compared later without torch
     report    JSON report, rich table, drift PNG
 
@@ -20,6 +22,7 @@ from edgeseq.validate.compare import (
     run_stream,
     zero_state,
 )
+from edgeseq.validate.drift import OracleDrift
 from edgeseq.validate.golden import (
     Golden,
     GoldenRecord,
@@ -33,6 +36,7 @@ from edgeseq.validate.report import load_report, plot_drift, print_report, write
 from edgeseq.validate.results import (
     CompareResult,
     Comparison,
+    DriftExceeded,
     Failure,
     MissingOutput,
     NonFinite,
@@ -46,12 +50,14 @@ __all__ = [
     "LONG_STEPS",
     "CompareResult",
     "Comparison",
+    "DriftExceeded",
     "ErrorAccumulator",
     "Failure",
     "Golden",
     "GoldenRecord",
     "MissingOutput",
     "NonFinite",
+    "OracleDrift",
     "OutputStats",
     "PhaseResult",
     "ShapeMismatch",

@@ -1,20 +1,28 @@
-"""Drive two runners through the same inputs and compare every output at every call.
+"""Drive two runners (and, on the long stream, an fp64 oracle) through the same inputs and
+compare every output at every call.
 
     prefill      each prompt from the zero state: one call when the graph takes the whole
                  prompt, else token by token with the state fed back
     decode       N steps from the zero state, every output compared at every step
-    long_stream  one decode stream of LONG_STEPS steps, judged on drift
+    long_stream  one decode stream of LONG_STEPS steps, judged on drift: against the fp64
+                 oracle when one is given (``export.spec.drift_within``), else against
+                 the reference
 
 One decode step i, the state fed back per ``GraphIO.state_pairs``:
 
-    t_i --+--> reference.infer(input_ids=t_i, past.* = ref present.*(i-1))  --> ref_i --+
-          |                                                                           +--> Comparison.add
-          +--> candidate.infer(input_ids=t_i, past.* = cand present.*(i-1)) --> cand_i -+
-    t_{i+1} = given token, else argmax(ref_i.logits)
+    t_i --+--> reference.infer(input_ids=t_i, past.* = ref present.*(i-1))   --> ref_i  --+
+          +--> candidate.infer(input_ids=t_i, past.* = cand present.*(i-1))  --> cand_i --+--> Comparison.add
+          +--> oracle.infer(input_ids=t_i, past.* = fp64 present.*(i-1))     --> fp64_i --+   (given an oracle)
+    t_{i+1} = given token, else argmax(fp64_i.logits) given an oracle, else argmax(ref_i.logits)
 
-Each side feeds back its own present state (that is what measures drift) while both see
-the same tokens. A runner is anything with ``infer(dict[str, np.ndarray]) -> dict``,
-already active: life cycles stay with the caller.
+Each side feeds back its own present state (that is what measures drift) while all see
+the same tokens. With an oracle the tokens are the fp64 model's own greedy choice: the
+stream is then the model's, not the device's (a CPU and a CUDA reference break
+near-ties differently), so a candidate's distance from fp64 is measured on the same
+stream whichever reference validates it, reports from different machines compare, and
+neither fp32 side steers the stream it is judged on.
+A runner is anything with ``infer(dict[str, np.ndarray]) -> dict``, already active:
+life cycles stay with the caller.
 """
 
 from __future__ import annotations
@@ -145,36 +153,53 @@ def run_stream(
     tokens: np.ndarray | None = None,
     state: Feeds | None = None,
     record: list[Record] | None = None,
+    oracle: Runner | None = None,
 ) -> int:
     """``steps`` decode calls; each side feeds back its own state (diagram above).
 
     tokens: [B, N] int64 forced for the first N steps (N may be < steps); afterwards, and
-    when None (then the first token is 0), the reference's argmax. state: the starting
-    state of both sides, zeros by default. Returns the calls made.
+    when None (then the first token is 0), the argmax of the oracle's logits when there is
+    an oracle, else of the reference's. state: the starting state of every side, zeros by
+    default; the oracle gets it in the dtypes its ``io`` declares (float64). oracle: the
+    fp64 model, run beside both sides; its outputs go to ``comparison.add``. Returns the
+    calls made.
     """
     ids = token_input(io)
     tokens = np.zeros((1, 1), np.int64) if tokens is None else as_tokens(tokens)
     ref_state = dict(state) if state is not None else zero_state(io, tokens.shape[0])
     cand_state = {k: v.copy() for k, v in ref_state.items()}  # no buffer shared between sides
+    fp64_state = _in_dtypes_of(oracle, ref_state) if oracle is not None else {}
     token = np.ascontiguousarray(tokens[:, :1])
     for step in range(steps):
+        fp64 = None
+        if oracle is not None:
+            fp64 = infer_arrays(oracle, {ids: token.copy(), **fp64_state})
+            fp64_state = {past: fp64[present] for past, present in io.state_pairs}
         feeds = {ids: token, **ref_state}
         ref = infer_arrays(reference, feeds)
         if record is not None:
             record.append((feeds, ref))
         if candidate is not None and comparison is not None:
             cand = infer_arrays(candidate, {ids: token.copy(), **cand_state})
-            if not comparison.add(ref, cand):
+            if not comparison.add(ref, cand, oracle=fp64):
                 return step + 1
             cand_state = {past: cand[present] for past, present in io.state_pairs}
         ref_state = {past: ref[present] for past, present in io.state_pairs}
         if step + 1 < tokens.shape[1]:
             token = np.ascontiguousarray(tokens[:, step + 1 : step + 2])
         else:
-            logits = ref[LOGITS]
+            logits = (fp64 if fp64 is not None else ref)[LOGITS]
             last = logits[:, -1] if logits.ndim == 3 else logits  # [B, T, V] -> [B, V]
             token = np.argmax(last, axis=-1).astype(np.int64)[:, None]
     return steps
+
+
+def _in_dtypes_of(runner: Runner, state: Feeds) -> Feeds:
+    """Copies of ``state`` in the dtypes ``runner.io`` declares for them (the fp64 oracle
+    keeps a float64 state); as they are for a runner without an ``io``."""
+    io = getattr(runner, "io", None)
+    dtypes = {t.name: t.dtype for t in io.inputs} if io is not None else {}
+    return {k: v.astype(dtypes.get(k, v.dtype)) for k, v in state.items()}  # astype copies
 
 
 # --- the phases -----------------------------------------------------------------------
@@ -221,12 +246,7 @@ def compare_decode(
 ) -> PhaseResult:
     """``steps`` decode steps from the zero state; without ``tokens``, the first token is
     drawn from ``seed`` and the rest follow the reference's argmax."""
-    _, tol = resolve_tolerance(tolerance)
-    if tokens is None:
-        tokens = np.random.default_rng(seed).integers(0, vocab_size(io), size=(1, 1), dtype=np.int64)
-    comparison = Comparison(phase, _names(io))
-    run_stream(reference, candidate, io, steps, comparison, tokens=tokens)
-    return comparison.result(tol, state_rel_l2=state_rel_l2)
+    return _compare_stream(reference, candidate, io, steps, tolerance, tokens, seed, phase, state_rel_l2)
 
 
 def compare_long_stream(
@@ -239,13 +259,31 @@ def compare_long_stream(
     tokens: np.ndarray | None = None,
     seed: int = 1,
     state_rel_l2: float | None = None,
+    oracle: Runner | None = None,
 ) -> PhaseResult:
     """One long decode stream, judged on drift; ``series["logits"]`` holds the per-step
-    max abs logit error."""
-    return compare_decode(
-        reference, candidate, io, steps, tolerance=tolerance, tokens=tokens, seed=seed,
-        phase="long_stream", state_rel_l2=state_rel_l2,
-    )  # fmt: skip
+    max abs logit error of the candidate from the reference.
+
+    oracle: the same model in fp64 (``TorchRunner(model, dtype="float64")``), run beside
+    both sides on the same tokens (its greedy choice after ``tokens``), each side feeding
+    back its own state. The result's ``oracle_drift`` then holds, per step, the max abs
+    logit distance of the candidate and of the reference from fp64, and the drift check
+    is ``export.spec.drift_within`` on their maxima instead of ``tolerance.drift`` on the
+    candidate-vs-reference error (for the precisions that judge drift; others report).
+    """
+    phase = "long_stream"
+    return _compare_stream(reference, candidate, io, steps, tolerance, tokens, seed, phase, state_rel_l2, oracle)
+
+
+def _compare_stream(reference: Runner, candidate: Runner, io: GraphIO, steps: int, tolerance: Tolerance | str,
+                    tokens: np.ndarray | None, seed: int, phase: str, state_rel_l2: float | None,
+                    oracle: Runner | None = None) -> PhaseResult:  # fmt: skip
+    _, tol = resolve_tolerance(tolerance)
+    if tokens is None:
+        tokens = np.random.default_rng(seed).integers(0, vocab_size(io), size=(1, 1), dtype=np.int64)
+    comparison = Comparison(phase, _names(io))
+    run_stream(reference, candidate, io, steps, comparison, tokens=tokens, oracle=oracle)
+    return comparison.result(tol, state_rel_l2=state_rel_l2)
 
 
 def compare(
@@ -262,15 +300,17 @@ def compare(
     prefill: tuple[Runner, Runner, GraphIO] | None = None,
     state_rel_l2: float | None = None,
     reference_device: str | None = None,
+    oracle: Runner | None = None,
 ) -> CompareResult:
     """Every phase: prefill on ``prompts`` (random ones from ``seed`` when None; () skips
     it), ``steps`` decode steps and a ``long_steps`` stream (0 skips either); both
     streams start with ``tokens`` ([B, N]) when given, else a token drawn from ``seed``,
-    and go on with the reference's argmax.
+    and go on with the reference's argmax (the oracle's on the long stream, given one).
 
     io: the graph's I/O, by default ``reference.io``. prefill: (reference, candidate, io)
     of separate prefill graphs; by default the same runners take the prompts, whole or
-    token by token.
+    token by token. oracle: the step model in fp64, which judges the long stream's drift
+    (``compare_long_stream``); the other phases do not run it.
     """
     io = io if io is not None else reference.io  # type: ignore[attr-defined]
     precision, tol = resolve_tolerance(tolerance)
@@ -281,6 +321,7 @@ def compare(
         tol,
         describe_runner(reference, reference_device),
         describe_runner(candidate),
+        oracle=None if oracle is None else describe_runner(oracle),
         settings={
             "prompt_shapes": [list(p.shape) for p in prompts],
             "steps": steps,
@@ -301,8 +342,9 @@ def compare(
         )
     if long_steps:
         result.phases["long_stream"] = compare_long_stream(
-            reference, candidate, io, long_steps, tolerance=tol, tokens=tokens, seed=seed + 1, state_rel_l2=state_rel_l2
-        )
+            reference, candidate, io, long_steps, tolerance=tol, tokens=tokens, seed=seed + 1,
+            state_rel_l2=state_rel_l2, oracle=oracle,
+        )  # fmt: skip
     return result
 
 

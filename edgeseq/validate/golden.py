@@ -27,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from edgeseq.errors import EdgeseqError
 from edgeseq.export.spec import GraphIO, Tolerance
-from edgeseq.validate._files import atomic_file
+from edgeseq.atomic import atomic_file
 from edgeseq.validate.compare import (
     DECODE_STEPS,
     Record,

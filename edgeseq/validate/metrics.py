@@ -93,11 +93,12 @@ class ErrorAccumulator:
             return 0.0
         with np.errstate(invalid="ignore", over="ignore"):
             d = c - r
-        if np.isfinite(d).all():  # the usual case: one pass per statistic, dots through BLAS
-            self.sum_sq_err += float(d @ d)
-            self.sum_rr += float(r @ r)
-            self.sum_cc += float(c @ c)
-            self.sum_rc += float(r @ c)
+        if np.isfinite(d).all():  # the usual case: one pass per statistic
+            # einsum, not BLAS: a multithreaded BLAS dot fights the runners' threads for the cores
+            self.sum_sq_err += float(np.einsum("i,i->", d, d))
+            self.sum_rr += float(np.einsum("i,i->", r, r))
+            self.sum_cc += float(np.einsum("i,i->", c, c))
+            self.sum_rc += float(np.einsum("i,i->", r, c))
             err = np.abs(d, out=d)
             bad = 0
         else:

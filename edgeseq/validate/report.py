@@ -2,8 +2,11 @@
 
 The JSON report is the audit record: runners and their devices, precision, the tolerance
 used and which of its checks each phase judged, per-output statistics of every phase,
-the per-call max abs logit error series, pass/fail and the failures. Non-finite numbers
-are written as the strings "inf", "-inf", "nan" so the file stays strict JSON.
+the per-call max abs logit error series, pass/fail and the failures; where an fp64 oracle
+ran beside the long stream, the phase's ``oracle_drift`` adds the per-call distances from
+fp64 of the candidate and of the reference, their maxima and ratio, the drift rule with its
+constants, and its verdict. Non-finite numbers are written as the strings "inf", "-inf",
+"nan" so the file stays strict JSON.
 ``bpb_delta`` is recorded with the tolerance but judged by the evaluation, not here.
 """
 
@@ -23,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeseq.errors import EdgeseqError
-from edgeseq.validate._files import atomic_file
+from edgeseq.atomic import atomic_file
 from edgeseq.validate.results import CompareResult
 
 REPORT_FORMAT = "edgeseq.validate.report/1"
@@ -119,13 +122,30 @@ def print_report(result: CompareResult | Mapping, console: Console | None = None
                 _fmt(s["top1_agreement"], 4), _fmt(s["kl"]), status,
             )  # fmt: skip
         console.print(table)
+        if "oracle_drift" in body:
+            console.print(_oracle_line(body["oracle_drift"], report["runners"].get("oracle")))
     for f in report["failures"]:
         console.print(f"[red]x[/] {escape(f['message'])}")
 
 
+def _oracle_line(d: Mapping, oracle: Mapping | None) -> str:
+    """One line: both distances from fp64, their ratio, the rule and its verdict."""
+    who = f" ({escape(oracle['name'])}, {escape(str(oracle['device']))})" if oracle else ""
+    if not d["judged"]:
+        verdict = "reported, not judged"
+    else:
+        verdict = "[green]within[/]" if d["within"] else "[red]past[/]"
+    return (
+        f"vs fp64{who}: candidate {_fmt(d['candidate_max'], 3)}, fp32 reference {_fmt(d['reference_max'], 3)}, "
+        f"ratio {_fmt(d['ratio'], 3)}; rule {escape(d['rule']['text'])} = {_fmt(d['limit'], 3)}: {verdict}"
+    )
+
+
 def plot_drift(result: CompareResult | Mapping, path: str | Path, *, phase: str = "long_stream", output: str = "logits") -> Path:
     """PNG of the per-step max abs error of ``output`` over ``phase``, log y, with the
-    limit it is judged against; written atomically. Exact zeros sit on a floor line."""
+    limit it is judged against; written atomically. Exact zeros sit on a floor line.
+    Where the phase ran beside an fp64 oracle, the logits' distances from fp64 of the
+    candidate and of the reference are drawn too, with the drift rule's limit."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -134,24 +154,38 @@ def plot_drift(result: CompareResult | Mapping, path: str | Path, *, phase: str 
     report = report_dict(result)
     if phase not in report["phases"] or output not in report["phases"][phase]["series"]:
         raise ReportError(f"the report has no {phase}/{output} series to plot; run the {phase} phase")
-    series = np.array([_number(v) for v in report["phases"][phase]["series"][output]], dtype=np.float64)
+    body = report["phases"][phase]
+    lines = {f"max |candidate - reference| ({output})": body["series"][output]}
+    fp64 = body.get("oracle_drift") if output == "logits" else None
+    if fp64 is not None:
+        lines |= {"max |candidate - fp64|": fp64["candidate"], "max |fp32 reference - fp64|": fp64["reference"]}
+    lines = {label: np.array([_number(v) for v in s], dtype=np.float64) for label, s in lines.items()}
     limit_name = "drift" if phase == "long_stream" else "max_abs_logit"
     limit = report["tolerance"][limit_name]
-    positive = series[(series > 0) & np.isfinite(series)]
+    limit_label = f"{limit_name} limit {limit:g}" if limit is not None else ""
+    if fp64 is not None:  # the rule's limit, on |candidate - fp64|, replaces the tolerance's where it judges
+        limit = _number(fp64["limit"]) if fp64["judged"] else None
+        rule, value = fp64["rule"], _number(fp64["limit"])
+        limit_label = f"limit on |candidate - fp64|: max({rule['ratio']:g} x reference, {rule['floor']:g}) = {value:.3g}"
+    every = np.concatenate(list(lines.values()))
+    positive = every[(every > 0) & np.isfinite(every)]
     floor = float(positive.min()) / 10 if positive.size else (limit or 1.0) * 1e-6
-    shown = np.where(np.isnan(series), np.inf, np.maximum(series, floor))
 
     fig = Figure(figsize=(8, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot(np.arange(series.size), np.minimum(shown, 1e30), lw=0.8, label=f"max |candidate - reference| ({output})")
+    for label, series in lines.items():
+        shown = np.where(np.isnan(series), np.inf, np.maximum(series, floor))
+        ax.plot(np.arange(series.size), np.minimum(shown, 1e30), lw=0.8, label=label)
     if limit is not None:  # quantized precisions are judged on top-1, KL and bits per byte instead
-        ax.axhline(limit, color="tab:red", ls="--", lw=1, label=f"{limit_name} limit {limit:g}")
+        ax.axhline(limit, color="tab:red", ls="--", lw=1, label=limit_label)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("max abs error")
     ref, cand = report["runners"]["reference"]["name"], report["runners"]["candidate"]["name"]
-    ax.set_title(f"{phase}: {cand} vs {ref} ({report['precision'] or 'custom'})", fontsize=10)
+    oracle = report["runners"].get("oracle") if fp64 is not None else None
+    oracle = f", fp64: {oracle['name']}" if oracle else ""
+    ax.set_title(f"{phase}: {cand} vs {ref} ({report['precision'] or 'custom'}{oracle})", fontsize=10)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path = Path(path)

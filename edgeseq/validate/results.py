@@ -8,7 +8,9 @@ everything here.
 
 What is judged, per phase (``PHASE_CHECKS``):
   prefill, decode, golden:  logits max abs <= max_abs_logit, top-1 >= top1_agreement, KL <= kl
-  long_stream:              logits max abs <= drift, KL <= kl
+  long_stream:              logits max abs <= drift, KL <= kl; with an fp64 oracle, drift
+                            gives way to drift_fp64: the candidate's distance from fp64
+                            within ``export.spec.drift_within`` of the fp32 reference's
   held_out_only precisions: only top-1 on decode (held-out text is judged elsewhere)
   every phase:              every output present, shapes equal, no stray non-finite values,
                             integer outputs (present.position) exactly equal,
@@ -27,8 +29,9 @@ from typing import ClassVar
 import numpy as np
 
 from edgeseq.errors import EdgeseqError
-from edgeseq.export.spec import TOLERANCES, Tolerance
-from edgeseq.validate.metrics import ErrorAccumulator, OutputStats
+from edgeseq.export.spec import DRIFT_FLOOR, DRIFT_RATIO, TOLERANCES, Tolerance
+from edgeseq.validate.drift import OracleDrift
+from edgeseq.validate.metrics import ErrorAccumulator, OutputStats, abs_error
 
 LOGITS = "logits"
 PHASE_CHECKS: dict[str, tuple[str, ...]] = {
@@ -40,6 +43,7 @@ PHASE_CHECKS: dict[str, tuple[str, ...]] = {
 # What a held_out_only tolerance (fp16, int8, int4) judges here; held-out text is judged
 # by edgeseq.validate.heldout, everything else is reported.
 HELD_OUT_ONLY_CHECKS: dict[str, tuple[str, ...]] = {"decode": ("top1_agreement",)}
+DRIFT_FP64 = "drift_fp64"  # the long stream's check when an fp64 oracle ran beside it
 _AT_LEAST = {"top1_agreement"}  # every other check is an upper limit
 
 
@@ -117,6 +121,24 @@ class ToleranceExceeded(Failure):
         return f"{self.phase}/{self.output}: {self.metric} {self.value:.6g} {op} limit {self.limit:.6g}{where}"
 
 
+@dataclass(frozen=True)
+class DriftExceeded(Failure):
+    """The candidate strayed further from fp64 than the drift rule allows (``export.spec``)."""
+
+    kind: ClassVar[str] = DRIFT_FP64
+    candidate: float  # max abs logit distance from fp64 over the stream
+    reference: float  # the fp32 reference's, on the same stream
+    limit: float  # drift_limit(reference)
+    call: int | None  # first call past the limit
+
+    def __str__(self) -> str:
+        where = f", first at call {self.call}" if self.call is not None else ""
+        return (
+            f"{self.phase}/{self.output}: {self.candidate:.3g} from fp64 > limit {self.limit:.3g} "
+            f"(max({DRIFT_RATIO:g} x the fp32 reference's {self.reference:.3g}, {DRIFT_FLOOR:g}){where})"
+        )
+
+
 # --- results --------------------------------------------------------------------------
 
 
@@ -130,6 +152,7 @@ class PhaseResult:
     series: dict[str, list[float]]  # per-call max abs error, for the outputs that keep one
     failures: list[Failure]
     checks: tuple[str, ...]
+    oracle_drift: OracleDrift | None = None  # distances from fp64, where an oracle ran beside
 
     def __bool__(self) -> bool:
         return not self.failures
@@ -139,7 +162,7 @@ class PhaseResult:
         return bool(self)
 
     def to_dict(self) -> dict:
-        return {
+        body = {
             "phase": self.phase,
             "passed": self.passed,
             "calls": self.calls,
@@ -148,6 +171,9 @@ class PhaseResult:
             "series": {name: list(v) for name, v in self.series.items()},
             "failures": [f.to_dict() for f in self.failures],
         }
+        if self.oracle_drift is not None:
+            body["oracle_drift"] = self.oracle_drift.to_dict()
+        return body
 
 
 @dataclass
@@ -160,6 +186,7 @@ class CompareResult:
     candidate: dict
     phases: dict[str, PhaseResult] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)  # steps, prompts, seed: what reruns it
+    oracle: dict | None = None  # describe_runner() of the fp64 oracle, where one ran
 
     def __bool__(self) -> bool:
         return all(self.phases.values())
@@ -179,14 +206,16 @@ class CompareResult:
             f"{verdict}: {self.reference['name']} vs {self.candidate['name']} "
             f"at {self.precision or 'custom tolerance'}: {ran}"
         )
-        return "\n".join([head, *(f"  {f}" for f in self.failures)])
+        fp64 = [f"  {name} vs fp64: {p.oracle_drift.summary()}" for name, p in self.phases.items() if p.oracle_drift]
+        return "\n".join([head, *fp64, *(f"  {f}" for f in self.failures)])
 
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
             "precision": self.precision,
             "tolerance": asdict(self.tolerance),
-            "runners": {"reference": dict(self.reference), "candidate": dict(self.candidate)},
+            "runners": {"reference": dict(self.reference), "candidate": dict(self.candidate),
+                        **({"oracle": dict(self.oracle)} if self.oracle is not None else {})},
             "settings": dict(self.settings),
             "phases": {name: p.to_dict() for name, p in self.phases.items()},
             "failures": [f.to_dict() for f in self.failures],
@@ -201,6 +230,8 @@ class Comparison:
 
     ``add`` takes one call's outputs from each side and returns False when the call could
     not be compared (an output missing, shapes differing): a stream cannot go on from it.
+    Given the fp64 oracle's outputs of the same call too, it also records how far each
+    side's logits are from the oracle's; the result then carries an ``OracleDrift``.
     """
 
     def __init__(self, phase: str, outputs: Sequence[str], logits: str = LOGITS, series: Sequence[str] = (LOGITS,)):
@@ -213,13 +244,15 @@ class Comparison:
         self._integer: set[str] = set()
         self._first_nonfinite: dict[str, int] = {}
         self._structural: list[Failure] = []
+        self._from_oracle: dict[str, list[float]] | None = None  # side -> per-call distance
 
     @property
     def comparable(self) -> bool:
         """False once a call could not be compared; a phase stops there."""
         return not self._structural
 
-    def add(self, reference: Mapping[str, object], candidate: Mapping[str, object]) -> bool:
+    def add(self, reference: Mapping[str, object], candidate: Mapping[str, object],
+            oracle: Mapping[str, object] | None = None) -> bool:
         call, self.calls = self.calls, self.calls + 1
         ok = True
         for name in self.outputs:
@@ -243,18 +276,41 @@ class Comparison:
                 self._first_nonfinite.setdefault(name, call)
             if name in self._series:
                 self._series[name].append(call_max)
+        if oracle is not None and ok:
+            self._add_oracle(reference, candidate, oracle)
         return ok
+
+    def _add_oracle(self, reference: Mapping[str, object], candidate: Mapping[str, object],
+                    oracle: Mapping[str, object]) -> None:  # fmt: skip
+        truth = np.asarray(oracle[self.logits])
+        if truth.dtype != np.float64:  # an fp32 "oracle" would judge fp32 by fp32 again, silently
+            raise ValueError(f"the oracle's {self.logits} are {truth.dtype}; run it in fp64: "
+                             "TorchRunner(model, dtype='float64')")  # fmt: skip
+        if self._from_oracle is None:
+            self._from_oracle = {"candidate": [], "reference": []}
+        for side, outs in (("candidate", candidate), ("reference", reference)):
+            logits = np.asarray(outs[self.logits])
+            if logits.shape != truth.shape:
+                raise ValueError(f"the oracle's {self.logits} {truth.shape} do not match the {side}'s {logits.shape}")
+            self._from_oracle[side].append(float(abs_error(truth, logits).max(initial=0.0)))
 
     def result(self, tolerance: Tolerance, checks: Sequence[str] | None = None, state_rel_l2: float | None = None) -> PhaseResult:
         if checks is None and tolerance.held_out_only:
             checks = HELD_OUT_ONLY_CHECKS.get(self.phase, ())
         checks = tuple(PHASE_CHECKS.get(self.phase, PHASE_CHECKS["decode"]) if checks is None else checks)
+        drift = None
+        if self._from_oracle is not None:  # fp64 is the judge of drift: drift_fp64 replaces drift
+            drift = OracleDrift(**self._from_oracle, judged="drift" in checks and tolerance.drift is not None)
+            checks = tuple(DRIFT_FP64 if c == "drift" else c for c in checks)
         stats = {name: acc.stats() for name, acc in self._acc.items() if acc.calls}
         failures = list(self._structural)
         for s in stats.values():
             failures += self._judge(s, tolerance, checks, state_rel_l2)
+        if drift is not None and not drift.passed:
+            failures.append(DriftExceeded(self.phase, self.logits, drift.candidate_max, drift.reference_max,
+                                          drift.limit, drift.first_over()))  # fmt: skip
         series = {name: list(v) for name, v in self._series.items()}
-        return PhaseResult(self.phase, self.calls, stats, series, failures, checks)
+        return PhaseResult(self.phase, self.calls, stats, series, failures, checks, drift)
 
     def _judge(self, s: OutputStats, tol: Tolerance, checks: tuple[str, ...], state_rel_l2: float | None) -> list[Failure]:
         out: list[Failure] = []
@@ -265,7 +321,7 @@ class Comparison:
                 out.append(ToleranceExceeded(self.phase, s.name, "exact", s.max_abs, 0.0, self._first_over(s.name, 0.0)))
         elif s.name == self.logits:
             values = {"max_abs_logit": s.max_abs, "drift": s.max_abs, "top1_agreement": s.top1_agreement, "kl": s.kl}
-            for check in checks:
+            for check in (c for c in checks if c in values):  # drift_fp64 is judged on the oracle's series
                 value, limit = values[check], getattr(tol, check)
                 if not _within(check, value, limit):
                     call = self._first_over(s.name, limit) if check in ("max_abs_logit", "drift") else None

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeseq.config import Mamba2Params, ModelConfig
+from edgeseq.config import ModelConfig
 from edgeseq.errors import ConfigError
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.zoo import BUILTIN
 from tests.conftest import small_config
 
@@ -39,7 +40,7 @@ def test_round_trip_keeps_floats(lo, span, eps):
         (lambda d: d.update(n_layer=7), "n_layer"),
         (lambda d: d.update(colour="red"), "unknown keys"),
         (lambda d: d["attention"].update(n_kv_heads=3), "n_kv_heads"),
-        (lambda d: d["layers"][0].update(mixer="lstm"), "mixer"),
+        (lambda d: d["layers"][0].update(mixers=["lstm"]), "unknown layer kind"),
         (lambda d: d["layers"][0].update(window=4), "window"),
         (lambda d: d.update(nested_widths=[1.0, 0.0]), "nested_widths"),
         (lambda d: d.update(norm_eps=2.0), "norm_eps"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgeseq.bundle import BundleError, read_manifest
+from edgeseq.deploy.bundle import BundleError, read_manifest
 from edgeseq.cli import main
 from edgeseq.families import save_checkpoint
 from edgeseq.testing import assert_bundle_parity

@@ -6,7 +6,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeseq.config import AttentionParams, LayerSpec, Mamba2Params, ModelConfig
+from edgeseq.config import LayerSpec, ModelConfig
+from edgeseq.kinds.attention import AttentionParams
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.errors import ConfigError
 from edgeseq.extract import extract
 from edgeseq.state import ModelState
@@ -24,17 +26,13 @@ def configs(draw) -> ModelConfig:
     kv = draw(st.sampled_from([2, 4]))
     layers = draw(
         st.lists(
-            st.builds(
-                LayerSpec,
-                mixer=st.sampled_from(["mamba2", "mamba2", "attention"]),
-                mlp=st.booleans(),
-            ),
+            st.tuples(st.sampled_from(["mamba2", "mamba2", "attention"]), st.booleans()),
             min_size=1,
             max_size=3,
         )
     )
     window = draw(st.sampled_from([None, 3, 5]))
-    layers = [LayerSpec(s.mixer, s.mlp, window if s.mixer == "attention" else None) for s in layers]
+    layers = [LayerSpec.of(mixer, mlp=mlp, window=window if mixer == "attention" else None) for mixer, mlp in layers]
     return ModelConfig(
         d_model=d_model,
         n_layer=len(layers),
@@ -119,8 +117,8 @@ def test_grouped_heads_keep_their_group():
     config = small_config("M", ngroups=2)
     model = random_model(config)
     sub = extract(model, 0.5)
-    full_heads = config.layer_heads(0)
-    assert full_heads == 16 and sub.config.layer_heads(0) == 8
+    full_heads = config.part_size(0, "mamba2")
+    assert full_heads == 16 and sub.config.part_size(0, "mamba2") == 8
     kept = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])
     torch.testing.assert_close(sub.layers[0].mixer.A_log, model.layers[0].mixer.A_log[kept])
 

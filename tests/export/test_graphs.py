@@ -21,6 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 CONFIGS = {
     "hybrid-g2": lambda: small_config(),  # mamba2 (2 groups) + windowed and global GQA attention + MLPs
     "mamba-g1": lambda: small_config("M M+", ngroups=1, tie_embeddings=True),
+    "parallel": lambda: small_config("A|M+ M S|M+"),  # Falcon-H1-style blocks: attention and Mamba2 side by side
 }
 
 

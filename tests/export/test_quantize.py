@@ -9,6 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from edgeseq.choices import FLAVORS, INT8_PRESETS
 from edgeseq.export.graphs import build_graph
 from edgeseq.export.quantize import QuantizationError, QuantOptions, quantize_graph, recurrent_nodes, weight_matmuls
 from edgeseq.runtimes import plugin_ops
@@ -55,7 +56,7 @@ def init_bytes(proto: onnx.ModelProto) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
 
 
-@pytest.mark.parametrize("flavor", ["portable", "opset27", "tensorrt"])
+@pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("kind", ["step", "prefill"])
 @pytest.mark.parametrize("precision, rel_limit, size_limit", [("fp16", 0.005, 0.55), ("int8", 0.15, 0.4), ("int4", 0.6, 0.3)])
 def test_quantized_graph_keeps_its_io_and_stays_close(model, flavor, kind, precision, rel_limit, size_limit):
@@ -141,10 +142,15 @@ def test_quantization_is_deterministic(model):
         assert a == b, precision
 
 
-def test_profiles_name_the_int8_presets_the_quantizer_has():
-    from edgeseq.export.quantize import INT8_PRESETS
-    from edgeseq.targets import all_targets
-    from edgeseq.targets.profile import INT8_PRESETS as PROFILE_PRESETS
-
-    assert set(PROFILE_PRESETS) == set(INT8_PRESETS)  # two lists, one truth
-    assert {t.int8_preset for t in all_targets()} <= set(INT8_PRESETS)
+@pytest.mark.parametrize("preset", INT8_PRESETS)
+def test_every_int8_preset_quantizes_and_stays_close(model, preset):
+    """A target profile may name any preset; each must give a graph that runs and stays close."""
+    fp32 = build_graph(model, "step", "portable")
+    quant = quantize_graph(fp32, QuantOptions("int8", int8_preset=preset))
+    assert {n.op_type for n in quant.graph.node} & (QUANTIZED_OPS["int8"] | {"DequantizeLinear"})
+    ref_sess, q_sess = session(fp32), session(quant)
+    f = feeds(ref_sess, 1, np.random.default_rng())
+    for r, o in zip(ref_sess.run(None, f), q_sess.run(None, f)):
+        if r.dtype == np.float32 and np.any(r):
+            rel = float(np.linalg.norm(o - r) / np.linalg.norm(r))
+            assert rel <= 0.15, rel  # the int8 limit above

@@ -96,10 +96,10 @@ def test_tensorrt_plugin_definitions_against_a_stand_in():
     order, output shapes, and the aot_impl's PTX, grid and scalars for concrete sizes."""
     got = run_compiled(STAND_IN + """
     import inspect
-    from edgeseq.export import trt_plugins
+    from edgeseq.export import trt_plugins, trt_register
     from edgeseq.kernels.aot import compile_entry, launch_grid
-    trt_plugins.register(87)
-    trt_plugins.register(87)  # idempotent
+    trt_register.register(87)
+    trt_register.register(87)  # idempotent
     b, t, h, g, p, n, q, k = 2, 37, 4, 2, 16, 16, 16, 4
     attrs = dict(heads=h, ngroups=g, headdim=p, d_state=n, chunk_size=q, d_conv=k, dt_min=0.01, dt_max=2.0)
     shapes = {"x": (b, t, h, p), "dt": (b, t, h), "A": (h,), "B": (b, t, g, n), "C": (b, t, g, n), "state": (b, h, n, p),
@@ -142,17 +142,17 @@ def test_tensorrt_plugin_definitions_against_a_stand_in():
 
 def test_register_refuses_old_or_missing_tensorrt(monkeypatch):
     from edgeseq.errors import RuntimeUnavailableError
-    from edgeseq.export import trt_plugins
+    from edgeseq.export import trt_register
 
-    monkeypatch.setattr(trt_plugins, "_registered", {})
+    monkeypatch.setattr(trt_register, "_registered", {})
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(RuntimeUnavailableError, match="not installed"):
-        trt_plugins.register(87)
+        trt_register.register(87)
     old = type(sys)("tensorrt")
     old.__version__ = "10.3.0"
     monkeypatch.setitem(sys.modules, "tensorrt", old)
     with pytest.raises(RuntimeUnavailableError, match=r"10\.3\.0 has no AOT Python plugins"):
-        trt_plugins.register(87)
+        trt_register.register(87)
 
 
 # ---- on a GPU: the PTX itself, through the CUDA driver -----------------------------------

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgeseq.config import Mamba2Params, ModelConfig
+from edgeseq.config import ModelConfig
 from edgeseq.kernels import ops
 from edgeseq.kernels import ssd_scan as scan
 from edgeseq.kernels import ssd_step as step
 from edgeseq.kernels._common import prune, tuning_space
-from edgeseq.model import Mamba2Mixer
+from edgeseq.kinds.mamba2 import Mamba2Params
+from edgeseq.model import NestedLM
 from edgeseq.reference import causal_conv1d_ref, ssd_scan_ref, ssd_sequential_ref
-from edgeseq.state import Mamba2LayerState
 
 triton = pytest.importorskip("triton", reason="the kernels extra is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,22 +173,21 @@ def test_step_op_inside_the_layer_matches_mixer_step(triton_kernels):
     mamba = Mamba2Params(d_state=16, headdim=16, ngroups=2, chunk_size=CHUNK, dt_limit=(0.01, 2.0))
     config = ModelConfig.from_pattern("M", d_model=32, vocab_size=8, mamba=mamba, nested_widths=(1.0, 0.5))
     torch.manual_seed(5)
-    mixer = Mamba2Mixer(config, 0).to(DEVICE)
+    block = NestedLM(config).layers[0].to(DEVICE)
+    mixer = block.mixer
     for kept in (4, 2):
-        p = mixer.params_at(kept)
+        p = block.params_at("mamba2", kept)
         u = torch.randn(3, 32, device=DEVICE)
         conv_dim = p["conv1d.weight"].size(0)
-        state = Mamba2LayerState(
-            torch.randn(3, conv_dim, 3, device=DEVICE), torch.randn(3, kept, 16, 16, device=DEVICE)
-        )
-        out_ref, state_ref = mixer.step(u, state, kept)
+        state = {"conv": torch.randn(3, conv_dim, 3, device=DEVICE), "ssm": torch.randn(3, kept, 16, 16, device=DEVICE)}
+        out_ref, state_ref = mixer.step(p, u, state, None, kept)
         z, xBC, dt = mixer._project(p, u, kept)
-        y, conv, ssm = ops.ssd_step(xBC, dt, state.conv, p["conv1d.weight"][:, 0], p["conv1d.bias"], p["dt_bias"],
-                                    -torch.exp(p["A_log"]), p["D"], state.ssm, 2, *mamba.dt_limit)  # fmt: skip
+        y, conv, ssm = ops.ssd_step(xBC, dt, state["conv"], p["conv1d.weight"][:, 0], p["conv1d.bias"], p["dt_bias"],
+                                    -torch.exp(p["A_log"]), p["D"], state["ssm"], 2, *mamba.dt_limit)  # fmt: skip
         out = mixer._output(p, y.reshape(3, -1), z, u.dtype)
         assert_rel(out, out_ref, 1e-4, f"layer output at {kept} heads")
-        assert_rel(conv, state_ref.conv, 1e-6, "conv state")
-        assert_rel(ssm, state_ref.ssm, 1e-5, "ssm state")
+        assert_rel(conv, state_ref["conv"], 1e-6, "conv state")
+        assert_rel(ssm, state_ref["ssm"], 1e-5, "ssm state")
 
 
 def test_ops_take_the_kernels_only_when_asked(monkeypatch):
@@ -272,16 +271,17 @@ def test_tuning_space_is_pruned_to_the_problem():
 def test_model_with_kernels_matches_the_reference_model(triton_kernels, dtype):
     """NestedLM.use_kernels(): a prefill (two chunks and a bit) and decode steps, at full and
     half width, against the same weights on the reference path."""
-    from edgeseq.model import NestedLM
+
 
     mamba = Mamba2Params(d_state=16, headdim=16, ngroups=2, chunk_size=CHUNK, dt_limit=(0.001, 5.0))
-    config = ModelConfig.from_pattern("MMA", d_model=32, vocab_size=40, mamba=mamba, nested_widths=(1.0, 0.5))
+    config = ModelConfig.from_pattern("M M", d_model=32, vocab_size=40, mamba=mamba, nested_widths=(1.0, 0.5))
     torch.manual_seed(6)
     reference = NestedLM(config).to(device=DEVICE, dtype=dtype)
     fast = NestedLM(config).to(device=DEVICE, dtype=dtype)
     fast.load_state_dict(reference.state_dict())
     fast.use_kernels()
-    assert all(m.mixer.kernels for m in fast.layers if m.is_mamba) and not reference.layers[0].mixer.kernels
+    assert all(b.mixer.kernels for b in fast.layers if hasattr(b.mixer, "kernels"))
+    assert not reference.layers[0].mixer.kernels
     ids = torch.randint(0, 40, (2, 2 * CHUNK + 5), device=DEVICE)
     tol = TOL[dtype] if dtype == torch.float32 else 3e-2  # bf16 weights: the paths round X, B, C differently
     for width in (1.0, 0.5):

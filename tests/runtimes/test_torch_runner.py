@@ -88,6 +88,31 @@ def test_runs_an_fp64_model_in_fp32_without_touching_it():
     np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-4, rtol=0)  # fp32 vs fp64 rounding
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_fp64_oracle_keeps_its_own_float64_state(pattern):
+    config = small_config(pattern)
+    model, rng = random_model(config, torch.float32), np.random.default_rng()
+    feeds = random_feeds(config, "step", batch=2, tokens=1, rng=rng)
+    feeds64 = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
+    with TorchRunner(model, "step", dtype="float64") as oracle:
+        out = oracle.infer(feeds64)
+        with pytest.raises(FeedError, match="float32; the graph wants float64"):
+            oracle.infer(feeds)  # a float32 state would round the oracle's
+    assert oracle.name == "torch-step-cpu-fp64" and model.embedding.weight.dtype == torch.float32  # a copy ran
+    fp32 = graph_io(config, "step")
+    names_shapes = lambda io: [(t.name, t.shape) for t in io.inputs + io.outputs]
+    assert names_shapes(oracle.io) == names_shapes(fp32)
+    for spec in oracle.io.inputs + oracle.io.outputs:  # floats promoted, ids and positions as the graph's
+        assert spec.dtype == ("int64" if spec.name in ("input_ids", "position", "present.position") else "float64")
+        assert spec.name not in out or out[spec.name].dtype == np.dtype(spec.dtype)
+    double = model.double()  # in place: the runner's copy is already made
+    with torch.no_grad():
+        logits, state = double.step(torch.from_numpy(feeds64["input_ids"]), state_of(config, feeds64))
+    np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-12, rtol=0)  # the same fp64 ops
+    with pytest.raises(ValueError, match="float32 or float64"):
+        TorchRunner(model, dtype="float16")
+
+
 def test_life_cycle_and_feed_errors():
     config = small_config("M A")
     runner, rng = TorchRunner(random_model(config, torch.float32), "step"), np.random.default_rng()

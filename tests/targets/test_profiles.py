@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from edgeseq.choices import FLAVORS, INT8_PRESETS, PRECISIONS, RUNTIMES
 from edgeseq.cli import main
 from edgeseq.errors import EdgeseqError
 from edgeseq.targets import (
-    FLAVORS,
-    PRECISIONS,
     PROFILES,
-    RUNTIMES,
     ProfileError,
     SizeError,
     Target,
@@ -115,6 +113,7 @@ def test_every_shipped_profile_is_sane(target: Target):
     assert target.bandwidth_gbs >= 10 and 0 < target.efficiency <= 1
     assert 0 < target.fp16_tflops <= target.int8_tops  # int8 is at least as fast as fp16 everywhere shipped
     assert target.runtime in RUNTIMES and target.threads >= 1
+    assert target.int8_preset in INT8_PRESETS  # the quantizer has settings for it
     assert set(target.precisions) == set(PRECISIONS) and target.default_precision == DEFAULT_PRECISION[target.name]
     assert target.flavors[0] == "portable" and set(target.flavors) <= set(FLAVORS)
     assert all(ep.endswith("ExecutionProvider") for ep in target.execution_providers)

@@ -79,7 +79,7 @@ def test_read_matches_transformers(tmp_path, overrides):
     ours, metadata = load_checkpoint(tmp_path)
     assert metadata["format"] == "hf_bamba"
     c = ours.config
-    assert [s.mixer for s in c.layers].count("attention") == len(hf.config.attn_layer_indices)
+    assert [s.mixers for s in c.layers].count(("attention",)) == len(hf.config.attn_layer_indices)
     assert all(s.mlp for s in c.layers) and c.attention.rope_fraction == 0.5
     prefill, steps = parity(hf, ours)
     assert prefill <= TOL, f"seed {seed}: prefill error {prefill:.2e}"

@@ -104,7 +104,7 @@ def test_config_aliases_and_float_tags():
     }
     config = read_config(raw)
     assert config.mamba.n_heads(config.d_model) == 8 and config.mamba.dt_limit == (0.0, float("inf"))
-    assert [s.mixer for s in config.layers] == ["mamba2"] * 3 and not config.tie_embeddings
+    assert [s.parts for s in config.layers] == [("mamba2",)] * 3 and not config.tie_embeddings
     with pytest.raises(CheckpointError, match="inconsistent"):
         read_config({**raw, "expand": 3})
     with pytest.raises(CheckpointError, match="'state_size'"):

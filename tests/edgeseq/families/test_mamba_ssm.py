@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from edgeseq.config import AttentionParams, Mamba2Params, ModelConfig
+from edgeseq.config import ModelConfig
+from edgeseq.kinds.attention import AttentionParams
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.errors import CheckpointError
 from edgeseq.families import detect_family, load_checkpoint
 from edgeseq.families.mamba_ssm import MambaSsm
@@ -157,7 +159,7 @@ def test_fc1_halves_are_value_then_gate(tmp_path):
         y, gate = F.linear(x, state[f"backbone.layers.{i}.mlp.fc1.weight"]).chunk(2, dim=-1)
         upstream = F.linear(y * F.silu(gate), state[f"backbone.layers.{i}.mlp.fc2.weight"])
         with torch.no_grad():
-            ours = model.layers[i].mlp(x, 128)
+            ours, _ = model.layers[i].mlp(model.layers[i].params_at("mlp", 128), x, {}, None, 128)
         assert torch.allclose(ours, upstream, rtol=0, atol=1e-12)
 
 
@@ -190,7 +192,7 @@ def test_mha_in_proj_rows_are_q_k_v(tmp_path):
         w_in, b_in, w_out, b_out = (state[f"{p}.{n}_proj.{k}"] for n in ("in", "out") for k in ("weight", "bias"))
         upstream = upstream_mha(x, w_in, b_in, w_out, b_out, h=8, hkv=4, d=8, rot=4)
         with torch.no_grad():
-            ours, _ = model.layers[i].mixer(x, st.layers[i], st.position, 8)
+            ours, _ = model.layers[i].mixer(model.layers[i].params_at("attention", 8), x, st.layers[i], st.position, 8)
         assert torch.allclose(ours, upstream, rtol=0, atol=1e-10)
 
 
@@ -305,3 +307,42 @@ def test_malformed_sizes_are_refused(tmp_path, key, value):
     with pytest.raises(CheckpointError, match=key) as e:
         load_checkpoint(path)
     assert "\n" not in str(e.value)
+
+
+def test_matmamba_keeps_its_mlp_and_attention_whole_when_extracted(tmp_path):
+    """MatMamba nests only the Mamba2 inner width: at width 1/2 its GatedMLPs and MHA layers
+    stay whole, so the submodel is the full model with half of every Mamba2 layer's heads."""
+    from edgeseq.extract import extract
+
+    d, P, N, k, H = 64, 2, 8, 4, 64  # MatMamba2: headdim = d_model // 32, expand 2 -> 64 heads
+    config = ModelConfig.from_pattern(
+        "M+ A+ M+", d_model=d, vocab_size=64, d_mlp=128,
+        mamba=Mamba2Params(d_state=N, headdim=P, ngroups=1, chunk_size=8),
+        attention=AttentionParams(n_heads=8, n_kv_heads=4, head_dim=8, rope_fraction=0.5, qkv_bias=True, out_bias=True),
+    )  # fmt: skip
+    native = random_model(config)
+    attn = {"num_heads": 8, "num_heads_kv": 4, "head_dim": 8, "rotary_emb_dim": 4, "causal": True,
+            "qkv_proj_bias": True, "out_proj_bias": True}  # fmt: skip
+    cfg = mamba_ssm_config(d_model=d, n_layer=3, d_intermediate=100, attn_layer_idx=[1], attn_cfg=attn,
+                           ssm_cfg={"layer": "MatMamba2", "headdim": P, "ngroups": 1, "chunk_size": 8, "d_state": N})  # fmt: skip
+    model, metadata = load_checkpoint(write_checkpoint(tmp_path / "c", cfg, native_to_mamba_ssm(native), "bin"),
+                                      dtype=torch.float64)  # fmt: skip
+    assert metadata["ssm_layer"] == "MatMamba2" and model.config.nested_kinds == ("mamba2",)
+
+    sub = extract(model, 0.5)
+
+    def mamba_params(h: int) -> int:  # in_proj, conv1d (+bias), dt_bias/A_log/D, gated norm, out_proj
+        return (2 * h * P + 2 * N + h) * d + (h * P + 2 * N) * (k + 1) + 3 * h + h * P + h * P * d
+
+    removed = 2 * (mamba_params(H) - mamba_params(H // 2))
+    assert sub.num_parameters() == model.num_parameters() - removed
+    full_sd, sub_sd = model.state_dict(), sub.state_dict()
+    for name in full_sd:
+        if ".mlp." in name or name.startswith("layers.1."):
+            assert torch.equal(sub_sd[name], full_sd[name]), name  # MLPs and the attention layer: whole
+    ids = torch.randint(0, 64, (2, 21))
+    with torch.no_grad():
+        want = model(ids, width=0.5)[0]
+        torch.testing.assert_close(sub(ids)[0], want, rtol=0, atol=1e-10)
+        halved = native(ids, width=0.5)[0]  # edgeseq's own nesting halves MLPs and attention too
+    assert (halved - want).abs().max() > 1e-2

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -55,10 +53,3 @@ def test_assert_bundle_parity_loads_activates_and_releases_runners(tmp_path, see
     result = assert_bundle_parity(tmp_path / "bundle", load_runners=load_runners, seed=seed, **SMALL)
     assert result and seen["dir"] == tmp_path / "bundle"
     assert not any(r.active for r in runners) and all(r.calls for r in runners)
-
-
-@pytest.mark.parametrize("bundle_module", [None, types.ModuleType("edgeseq.bundle")])
-def test_assert_bundle_parity_without_a_bundle_loader(tmp_path, monkeypatch, bundle_module):
-    monkeypatch.setitem(sys.modules, "edgeseq.bundle", bundle_module)  # no module, or one without load_runners
-    with pytest.raises(ImportError, match="pass load_runners="):
-        assert_bundle_parity(tmp_path)

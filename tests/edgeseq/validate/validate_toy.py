@@ -32,18 +32,19 @@ class ToyRunner:
     """Perturbations: logit_offset (added to every logit), a_scale (scales A, so the error
     grows along a stream), drop (an output left out), bad_shape (an output given an extra
     axis), nan_from (call index from which logits are NaN), roll (vocabulary shifted, so
-    every argmax moves), position_skew (added to present.position)."""
+    every argmax moves), position_skew (added to present.position). dtype: of the logits and
+    state it returns; a float64 toy keeps its state exact, an fp64 oracle for the float32 ones."""
 
     device = "cpu"
 
     def __init__(self, seed: int = 0, name: str = "toy", *, logit_offset=0.0, a_scale=1.0, drop=None,
-                 bad_shape=None, nan_from=None, roll=False, position_skew=0):  # fmt: skip
+                 bad_shape=None, nan_from=None, roll=False, position_skew=0, dtype=np.float32):  # fmt: skip
         rng = np.random.default_rng(seed)
         self.A = np.diag(rng.uniform(0.5, 0.95, N)) * a_scale
         self.E = rng.normal(size=(V, N))
         self.C = rng.normal(size=(N, V))
         self.name, self.logit_offset, self.drop, self.bad_shape = name, logit_offset, drop, bad_shape
-        self.nan_from, self.roll, self.position_skew = nan_from, roll, position_skew
+        self.nan_from, self.roll, self.position_skew, self.dtype = nan_from, roll, position_skew, dtype
         self.calls = 0
         self.seen: list[dict[str, np.ndarray]] = []  # every feed, copied
         self.active = False
@@ -65,7 +66,7 @@ class ToyRunner:
             logits = np.roll(logits, 1, axis=-1)
         if self.nan_from is not None and self.calls >= self.nan_from:
             logits[:] = np.nan
-        out = {"logits": logits.astype(np.float32), "present.0.ssm": h.astype(np.float32)}
+        out = {"logits": logits.astype(self.dtype), "present.0.ssm": h.astype(self.dtype)}
         if "position" in feeds:
             out["present.position"] = feeds["position"] + ids.shape[1] + self.position_skew
         if self.bad_shape:

@@ -1,5 +1,9 @@
 """The main job: load -> plan -> extract -> export -> quantize -> validate -> bundle.
 
+``edgeseq.deploy`` imports one way: ``bundle`` (the format, torch-free) and ``runtimes``
+(which runtime runs which flavor, torch-free) at the bottom; ``validation`` and ``run``
+above them; ``bench`` and ``engine`` beside; this module on top.
+
 ``export_bundle`` writes nothing unless every stage succeeds: the bundle is assembled in
 a temporary directory beside the output and renamed into place at the end. Without a
 width, the sizing model (``edgeseq.targets.plan``) picks the widest configuration that
@@ -21,31 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-from edgeseq.bundle import (
-    NOT_RUNNABLE,
-    device_readme,
-    ort_plugins,
-    ort_runnable,
-    read_manifest,
-    write_graph,
-    write_manifest,
-)
+from edgeseq.atomic import atomic_dir
+from edgeseq.deploy.bundle import device_readme, read_manifest, write_graph, write_manifest
+from edgeseq.deploy.runtimes import runnable_here, why_not_here
+from edgeseq.deploy.validation import ValidationFailedError, reference_model, resolve_device, validate_flavor
 from edgeseq.errors import EdgeseqError
 from edgeseq.export.graphs import SPLIT_K, build_graph
 from edgeseq.export.quantize import QuantOptions, quantize_graph
 from edgeseq.export.spec import graph_io
 from edgeseq.extract import extract
-from edgeseq.io import atomic_dir
 from edgeseq.targets import Target, get_target
 from edgeseq.width import WidthSpec, resolve
 
-
-class ValidationFailedError(EdgeseqError):
-    """An exported graph disagrees with the reference beyond its tolerance."""
-
-    exit_code = 1
+__all__ = ["ExportRequest", "ValidationFailedError", "export_bundle", "quantize_bundle"]
 
 
 @dataclass
@@ -71,126 +64,6 @@ class ExportRequest:
 
 
 Progress = Callable[[str, str], None]  # (stage, detail)
-
-
-def heldout_prompts(count: int, vocab_size: int = 264, seed: int = 0) -> list[np.ndarray]:
-    """``count`` prompts of different lengths cut from the shipped held-out sample; for a
-    model whose vocabulary is not bytes, random ids of the same lengths."""
-    from edgeseq.data import PAD, load_sample
-
-    rng = np.random.default_rng(seed)
-    lengths = [1, 37, 200, 777, 64, 513][:count]
-    if vocab_size <= PAD:
-        return [rng.integers(0, vocab_size, (1, n)).astype(np.int64) for n in lengths]
-    sample = load_sample()
-    starts = rng.integers(0, len(sample) - max(lengths) - 1, len(lengths))
-    return [sample[s : s + n][None, :].astype(np.int64) for s, n in zip(starts, lengths)]
-
-
-def stream_limit(config) -> int | None:
-    """Longest stream a model takes: a global attention cache holds max_context tokens."""
-    if any(s.mixer == "attention" and s.window is None for s in config.layers):
-        return config.attention.max_context
-    return None
-
-
-def stream_start(config, length: int = 64) -> np.ndarray | None:
-    """Held-out text the decode streams start from (then they go on greedily), so that
-    quantized graphs are judged in distribution; None (a random token) for other vocabularies."""
-    from edgeseq.data import PAD, load_sample
-
-    if config.vocab_size <= PAD:
-        return None
-    sample = load_sample()
-    return sample[len(sample) // 3 : len(sample) // 3 + length][None, :].astype(np.int64)
-
-
-def validation_prompts(config, count: int) -> list[np.ndarray]:
-    limit = stream_limit(config)
-    return [p[:, :limit] for p in heldout_prompts(count, config.vocab_size)]
-
-
-def reference_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class FlavorValidation:
-    """One flavor's verdict: the step/prefill comparison and the held-out gate."""
-
-    compare: Any  # CompareResult
-    heldout: Any = None  # HeldoutResult, or None where not judged
-    heldout_skipped: str | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self.compare) and (self.heldout is None or bool(self.heldout))
-
-    def summary(self) -> str:
-        parts = [self.compare.summary()]
-        if self.heldout is not None:
-            parts.append(self.heldout.summary())
-        return "; ".join(parts)
-
-    def to_dict(self) -> dict:
-        return {"passed": bool(self), "summary": self.summary(),
-                "heldout": self.heldout.to_dict() if self.heldout is not None else {"skipped": self.heldout_skipped}}
-
-
-def validate_flavor(bundle: Path, model, flavor: str, precision: str, steps: int, long_steps: int, prompts: int,
-                    device: str, threads: int | None = None, heldout: tuple[int, int] | None = (16, 512),
-                    graphs: dict[str, str] | None = None) -> FlavorValidation:
-    """Compare the bundle's graphs of one flavor with the reference, and judge held-out
-    bits per byte, top-1 and KL (``heldout`` = streams x tokens; None skips it)."""
-    from edgeseq.data import PAD
-    from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
-    from edgeseq.runtimes.torch_runner import TorchRunner
-    from edgeseq.validate import compare
-    from edgeseq.validate.heldout import heldout_gate
-
-    step_io, prefill_io = graph_io(model.config, "step"), graph_io(model.config, "prefill")
-    paths = graphs or {kind: f"{flavor}/{kind}.onnx" for kind in ("step", "prefill")}
-    limit = stream_limit(model.config)
-    if limit is not None:
-        steps, long_steps = min(steps, limit), min(long_steps, limit)
-    runners = [
-        TorchRunner(model, "step", device=device),
-        OnnxRuntimeRunner(bundle / paths["step"], io=step_io, intra_op_threads=threads, plugins=ort_plugins(flavor)),
-        TorchRunner(model, "prefill", device=device),
-        OnnxRuntimeRunner(bundle / paths["prefill"], io=prefill_io, intra_op_threads=threads, plugins=ort_plugins(flavor)),
-    ]
-    for r in runners:
-        r.activate()
-    try:
-        ref_step, cand_step, ref_pre, cand_pre = runners
-        result = compare(
-            ref_step, cand_step, step_io, tolerance=precision,
-            prompts=validation_prompts(model.config, prompts), tokens=stream_start(model.config),
-            steps=steps, long_steps=long_steps, prefill=(ref_pre, cand_pre, prefill_io),
-            reference_device=f"{device}:{_device_name(device)}",
-        )  # fmt: skip
-        if heldout is None:
-            return FlavorValidation(result, heldout_skipped="not asked")
-        if model.config.vocab_size <= PAD:
-            return FlavorValidation(result, heldout_skipped="the model's vocabulary is not bytes")
-        streams, tokens = heldout
-        if limit is not None:  # a window of tokens + 1 bytes must fit a global attention cache
-            tokens = min(tokens, limit - 1)
-        return FlavorValidation(result, heldout_gate(ref_step, cand_step, step_io, precision, streams, tokens))
-    finally:
-        for r in runners:
-            r.deactivate()
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -264,7 +137,7 @@ def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail:
         "source": {k: v for k, v in metadata.items() if k in ("name", "format", "trained", "steps")},
         "config": model.config.to_dict(),
         "width": str(chosen.width),
-        "layer_widths": [{"heads": w.heads, "d_mlp": w.d_mlp} for w in resolve(full.config, chosen.width)],
+        "layer_widths": [w.to_dict() for w in resolve(full.config, chosen.width)],
         "flavors": flavors,
         "precision": chosen.precision,
         "quantization": options.describe(),
@@ -291,14 +164,15 @@ def write_bundle(req: ExportRequest, model, graphs: dict, manifest: dict, progre
             Native.write(model, tmp / "reference", {"source": manifest["model_name"], "width": manifest["width"]})
             manifest["reference"] = {**manifest["reference"], "embedded": "reference"}
         validation = {"ran": {}, "not_run": {}}
+        manifest["graphs"] = {f: {k: f"{f}/{k}.onnx" for k in kinds} for f, kinds in graphs.items()}
         if req.validate:
-            device = reference_device() if req.reference_device == "auto" else req.reference_device
+            device = resolve_device(req.reference_device)
             for flavor in graphs:
-                if not ort_runnable(flavor):
-                    validation["not_run"][flavor] = NOT_RUNNABLE
+                if not runnable_here(flavor):
+                    validation["not_run"][flavor] = why_not_here(flavor)
                     continue
-                progress("validate", f"{flavor} at {precision} against the {device} reference")
-                result = validate_flavor(tmp, model, flavor, precision, req.steps, req.long_steps, req.prompts,
+                progress("validate", f"{flavor} at {precision} against the {device} reference (drift: fp64)")
+                result = validate_flavor(tmp, manifest, model, flavor, req.steps, req.long_steps, req.prompts,
                                          device, req.threads, req.heldout)
                 (tmp / "validation").mkdir(exist_ok=True)
                 write_report(result.compare, tmp / "validation" / f"{flavor}.json")
@@ -308,7 +182,6 @@ def write_bundle(req: ExportRequest, model, graphs: dict, manifest: dict, progre
                     raise ValidationFailedError(f"{flavor} graphs fail validation: {result.summary()}; nothing was written")
         validation["summary"] = "; ".join(f"{f}: {v['summary']}" for f, v in validation["ran"].items()) or "not run"
         manifest["validation"] = validation
-        manifest["graphs"] = {f: {k: f"{f}/{k}.onnx" for k in kinds} for f, kinds in graphs.items()}
         progress("bundle", str(req.output))
         (tmp / "README.md").write_text(device_readme(manifest))
         manifest = write_manifest(tmp, manifest)
@@ -322,8 +195,6 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
     """A new bundle of ``source``'s model, width and flavors at ``precision``, validated.
     The graphs are rebuilt from the reference (checked against the source's weights
     digest) without the fp32 graphs' blocked sums, then quantized."""
-    from edgeseq.validation_cli import reference_model
-
     manifest = read_manifest(source)
     if manifest["precision"] != "fp32":
         raise EdgeseqError(f"{source} holds {manifest['precision']} graphs; quantize the fp32 bundle it came from")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseq.bundle import ort_runnable, read_manifest
+from edgeseq.deploy.bundle import read_manifest
+from edgeseq.deploy.runtimes import runnable_here
 from edgeseq.errors import EdgeseqError
 
 
@@ -33,7 +34,7 @@ def _time_session(session, steps: int, prompt: np.ndarray) -> dict:
 
 def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: int) -> dict:
     from edgeseq.data import load_sample
-    from edgeseq.run_bundle import open_session
+    from edgeseq.deploy.run import open_session
 
     prompt = load_sample()[:prompt_len]
     if runtime == "torch":
@@ -41,7 +42,7 @@ def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: 
 
         from edgeseq.runtimes.session import StreamingSession
         from edgeseq.runtimes.torch_runner import TorchRunner
-        from edgeseq.validation_cli import reference_model
+        from edgeseq.deploy.validation import reference_model
 
         torch.set_num_threads(threads)
         model, _ = reference_model(Path(bundle), read_manifest(bundle, verify=False), "cpu")
@@ -59,8 +60,12 @@ def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: 
 def bench_bundle(bundle: Path, steps: int, prompt_len: int, threads: int, only: list[str] | None = None) -> list[dict]:
     """One row per runtime (``only``: those named, e.g. ["onnxruntime:portable"])."""
     manifest = read_manifest(bundle)
-    # the tensorrt flavor runs its plugins through Python in onnxruntime: a check, not a speed
-    runtimes = [f"onnxruntime:{f}" for f in manifest["flavors"] if ort_runnable(f) and f != "tensorrt"]
+    # a flavor whose plugin nodes run through Python (onnxruntime-plugins) is a check, not a speed
+    runtimes = []
+    for f in manifest["flavors"]:
+        runtime = runnable_here(f)
+        if runtime is not None and runtime.plugins is None:
+            runtimes.append(f"{runtime.name}:{f}")
     try:
         import torch  # noqa: F401
 

@@ -15,11 +15,13 @@ writes nothing.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from edgeseq.bundle import BundleError, graph_path, read_manifest
+from edgeseq.atomic import atomic_dir
+from edgeseq.deploy.bundle import BundleError, graph_path, read_manifest
+from edgeseq.deploy.runtimes import TENSORRT
+
+ENGINE_FLAVORS = TENSORRT.flavors
 from edgeseq.errors import RuntimeUnavailableError
 
 
@@ -27,14 +29,15 @@ def engine_flavor(manifest: dict, flavor: str | None) -> str:
     """The flavor to build: the one asked for, else tensorrt when the bundle has it, else portable."""
     flavors = manifest["flavors"]
     if flavor is not None:
-        if flavor not in flavors or flavor == "opset27":
+        if flavor not in flavors or flavor not in ENGINE_FLAVORS:
             raise BundleError(f"cannot build a TensorRT engine from {flavor!r}; the bundle carries {flavors} "
-                              "(TensorRT parses 'tensorrt' and 'portable')")  # fmt: skip
+                              f"(TensorRT parses {' and '.join(map(repr, ENGINE_FLAVORS))})")  # fmt: skip
         return flavor
-    for choice in ("tensorrt", "portable"):
+    for choice in ENGINE_FLAVORS:
         if choice in flavors:
             return choice
-    raise BundleError(f"the bundle carries {flavors}; re-export with --flavor tensorrt or portable to build an engine")
+    raise BundleError(f"the bundle carries {flavors}; re-export with --flavor {' or '.join(ENGINE_FLAVORS)} "
+                      "to build an engine")  # fmt: skip
 
 
 def build_engines(bundle: Path, target: str | None = None, flavor: str | None = None, max_batch: int = 1,
@@ -61,9 +64,7 @@ def build_engines(bundle: Path, target: str | None = None, flavor: str | None = 
     final = output or bundle / "engines" / name
     if final.exists():
         raise BundleError(f"{final} exists; remove it or pass --output")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".engine-", dir=final.parent))  # same file system: the rename is atomic
-    try:
+    with atomic_dir(final) as tmp:
         for kind in ("step", "prefill"):
             if progress:
                 progress("build", f"{kind} from {flavor} graphs, {precision}, sm_{cc}, TensorRT {trt.__version__}")
@@ -77,7 +78,4 @@ def build_engines(bundle: Path, target: str | None = None, flavor: str | None = 
         info = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(), "compute_capability": cc,
                 "flavor": flavor, "precision": precision, "max_batch": max_batch, "max_sequence": max_sequence}  # fmt: skip
         (tmp / "engine.json").write_text(json.dumps(info, indent=1) + "\n")
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -6,17 +6,15 @@ MatMul, CumSum, Exp, Where, Reshape, Transpose, Pad and friends: opset <= 18, no
 no loop, so mobile EPs and TensorRT's parser take it.
 
 Shapes: b batch, t tokens, c chunks, q/s positions in a chunk, h heads, n state, p head
-channels. A and D are constants of the graph.
+channels. A and D are constants of the graph. ``g`` is an ``edgeseq.export.builder.GraphBuilder``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from edgeseq.export.builder import GraphBuilder, reshape
 
-
-def heads_from_groups(g: GraphBuilder, M: str, groups: int, heads: int, n: int, axis: int) -> str:
+def heads_from_groups(g, M: str, groups: int, heads: int, n: int, axis: int) -> str:
     """M [..., G, N] (groups on ``axis``) -> [..., H, N]: head j reads group j // (H/G)."""
     if groups == heads:
         return M
@@ -26,7 +24,7 @@ def heads_from_groups(g: GraphBuilder, M: str, groups: int, heads: int, n: int, 
     return g.op("Reshape", g.op("Expand", M, target), g.op("Concat", g.op("Shape", M, end=axis), g.ints(heads, n), axis=0))
 
 
-def segsum_exp(g: GraphBuilder, a: str, size: str) -> str:
+def segsum_exp(g, a: str, size: str) -> str:
     """exp(segsum(a)): a [..., s] -> [..., s, s], entry (i, j) = exp(a[j+1] + ... + a[i])
     for i >= j and 0 above the diagonal. ``size`` is s as a 1-element int64 tensor.
 
@@ -41,7 +39,7 @@ def segsum_exp(g: GraphBuilder, a: str, size: str) -> str:
     return g.op("Exp", g.op("Where", lower, sums, g.const(-np.inf)))
 
 
-def ssd_scan(g: GraphBuilder, X, dt, A, B, C, D, s0, *, heads, groups, headdim, d_state, chunk) -> tuple[str, str]:
+def ssd_scan(g, X, dt, A, B, C, D, s0, *, heads, groups, headdim, d_state, chunk) -> tuple[str, str]:
     """X [b,t,h,p], dt [b,t,h], B/C [b,t,g,n], s0 [b,h,n,p]; A, D numpy [h] -> Y [b,t,h,p], S [b,h,n,p].
 
         X, dt, B, C --pad t to c*Q--> chunks [b,h,c,q,.]
@@ -62,10 +60,10 @@ def ssd_scan(g: GraphBuilder, X, dt, A, B, C, D, s0, *, heads, groups, headdim, 
     Xp, Bp, Cp = (g.op("Pad", v, pads4) for v in (X, B, C))
     dtp = g.op("Pad", dt, pads3)
     # 1. chunks, heads first: [b, h, c, q, .]
-    Xc = g.op("Transpose", reshape(g, Xp, 0, -1, Q, H, P), perm=[0, 3, 1, 2, 4])
-    dtc = g.op("Transpose", reshape(g, dtp, 0, -1, Q, H), perm=[0, 3, 1, 2])
-    Bh = heads_from_groups(g, reshape(g, Bp, 0, -1, Q, groups, N), groups, H, N, axis=3)
-    Ch = heads_from_groups(g, reshape(g, Cp, 0, -1, Q, groups, N), groups, H, N, axis=3)
+    Xc = g.op("Transpose", g.reshape(Xp, 0, -1, Q, H, P), perm=[0, 3, 1, 2, 4])
+    dtc = g.op("Transpose", g.reshape(dtp, 0, -1, Q, H), perm=[0, 3, 1, 2])
+    Bh = heads_from_groups(g, g.reshape(Bp, 0, -1, Q, groups, N), groups, H, N, axis=3)
+    Ch = heads_from_groups(g, g.reshape(Cp, 0, -1, Q, groups, N), groups, H, N, axis=3)
     Bc = g.op("Transpose", Bh, perm=[0, 3, 1, 2, 4])
     Cc = g.op("Transpose", Ch, perm=[0, 3, 1, 2, 4])
     a = g.op("Mul", dtc, g.const(A.reshape(H, 1, 1)))  # [b, h, c, q]
@@ -85,20 +83,20 @@ def ssd_scan(g: GraphBuilder, X, dt, A, B, C, D, s0, *, heads, groups, headdim, 
     chunk_a = g.op("Pad", g.op("Squeeze", a_last, g.ints(-1)), g.ints(0, 0, 1, 0, 0, 0))  # [b, h, c+1]
     c1 = g.op("Shape", chunk_a, start=2, end=3)
     decay = segsum_exp(g, chunk_a, c1)  # [b, h, c+1, c+1]
-    states = g.op("MatMul", decay, reshape(g, S_all, 0, 0, -1, N * P))
-    states = reshape(g, states, 0, 0, -1, N, P)
+    states = g.op("MatMul", decay, g.reshape(S_all, 0, 0, -1, N * P))
+    states = g.reshape(states, 0, 0, -1, N, P)
     entering = g.op("Slice", states, g.ints(0), g.ints(-1), g.ints(2))
     final = g.op("Squeeze", g.op("Slice", states, g.ints(-1), g.ints(np.iinfo(np.int64).max), g.ints(2)), g.ints(2))
     # 5. read the entering state out at every position
     Y_off = g.op("Mul", g.op("MatMul", Cc, entering), g.op("Unsqueeze", g.op("Exp", a_cum), g.ints(-1)))
     # 6. undo chunking, cut the padding, add the skip
     Y = g.op("Transpose", g.op("Add", Y_diag, Y_off), perm=[0, 2, 3, 1, 4])  # [b, c, q, h, p]
-    Y = g.op("Slice", reshape(g, Y, 0, -1, H, P), g.ints(0), t, g.ints(1))
+    Y = g.op("Slice", g.reshape(Y, 0, -1, H, P), g.ints(0), t, g.ints(1))
     Y = g.op("Add", Y, g.op("Mul", X, g.const(D.reshape(H, 1))))
     return Y, final
 
 
-def ssd_step(g: GraphBuilder, x, dt, A, B, C, D, state, *, heads, groups, headdim, d_state) -> tuple[str, str]:
+def ssd_step(g, x, dt, A, B, C, D, state, *, heads, groups, headdim, d_state) -> tuple[str, str]:
     """x [b,h,p], dt [b,h], B/C [b,g,n], state [b,h,n,p]; A, D numpy [h] -> y [b,h,p], state.
 
         state' = exp(dt A) state + B^T (dt x);   y = C state' + D x

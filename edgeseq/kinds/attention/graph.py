@@ -1,7 +1,7 @@
 """Graph code for attention over the fixed-size ring-buffer cache (same math as
 ``edgeseq.reference.attention``): RoPE on the leading channels, keys written to slot
 ``position % W``, a mask from absolute positions, softmax over the ring (and, in prefill,
-over the new tokens too)."""
+over the new tokens too). ``g`` is an ``edgeseq.export.builder.GraphBuilder``."""
 
 from __future__ import annotations
 
@@ -9,14 +9,10 @@ import math
 
 import numpy as np
 
-from edgeseq.config import ModelConfig
-from edgeseq.export.builder import GraphBuilder, linear
-from edgeseq.shapes import ring_size
-
 INT_MAX = np.iinfo(np.int64).max
 
 
-def rope(g: GraphBuilder, x: str, positions: str, theta: float, rot: int, head_dim: int) -> str:
+def rope(g, x: str, positions: str, theta: float, rot: int, head_dim: int) -> str:
     """x [..., pos axes, heads, d]; positions [...] int64 (x's leading axes without heads, d).
 
         angles = positions * inv_freq;  x_rot * cos + rotate_half(x_rot) * sin;  pass the rest
@@ -35,7 +31,7 @@ def rope(g: GraphBuilder, x: str, positions: str, theta: float, rot: int, head_d
     return g.op("Concat", rotated, g.op("Slice", x, g.ints(rot), g.ints(INT_MAX), g.ints(-1)), axis=-1)
 
 
-def kv_to_heads(g: GraphBuilder, t: str, q_per_kv: int, heads: int, head_dim: int) -> str:
+def kv_to_heads(g, t: str, q_per_kv: int, heads: int, head_dim: int) -> str:
     """[b, kv, s, d] -> [b, h, s, d]: query head j reads kv head j // q_per_kv."""
     if q_per_kv == 1:
         return t
@@ -47,7 +43,7 @@ def kv_to_heads(g: GraphBuilder, t: str, q_per_kv: int, heads: int, head_dim: in
     return g.op("Reshape", t, g.op("Concat", g.op("Slice", shape, g.ints(0), g.ints(1), g.ints(0)), g.ints(heads, -1, head_dim), axis=0))
 
 
-def ring_positions(g: GraphBuilder, position: str, ring: int) -> tuple[str, str]:
+def ring_positions(g, position: str, ring: int) -> tuple[str, str]:
     """position [b] tokens written -> slot positions [b, w] and their validity."""
     last = g.op("Unsqueeze", g.op("Sub", position, g.const(1, "int64")), g.ints(1))
     slots = g.const(np.arange(ring, dtype=np.int64))
@@ -55,7 +51,8 @@ def ring_positions(g: GraphBuilder, position: str, ring: int) -> tuple[str, str]
     return pos, g.op("GreaterOrEqual", pos, g.const(0, "int64"))
 
 
-def attention(g: GraphBuilder, config: ModelConfig, i: int, w, x: str, past, position: str, rank: int):
+def attention(g, config, heads: int, ring: int, window: int | None, w, p: str, x: str, past, position: str,
+              rank: int):
     """x [b,(t,)d] normed -> out, {"key": present, "value": present}.
 
         x -> q, k, v projections -> RoPE(q, k) at absolute positions
@@ -63,16 +60,16 @@ def attention(g: GraphBuilder, config: ModelConfig, i: int, w, x: str, past, pos
         prefill: attend over [ring | new tokens] with a causal+window mask from absolute
                  positions, then scatter the newest min(t, W) tokens into their slots
     """
-    a, p = config.attention, f"layers.{i}.mixer."
-    H, Dh, r = config.layer_heads(i), a.head_dim, a.q_per_kv
-    KV, W, window = H // r, ring_size(config, i), config.layers[i].window
+    a = config.attention
+    H, Dh, r = heads, a.head_dim, a.q_per_kv
+    KV, W = H // r, ring
     rot = round(a.head_dim * a.rope_fraction)
 
-    def proj(name, heads):
+    def proj(name, n_heads):
         wt = g.weight(f"{p}{name}.weight.t", np.ascontiguousarray(w[f"{name}.weight"].T))
         b = g.weight(f"{p}{name}.bias", w[f"{name}.bias"]) if f"{name}.bias" in w else None
-        shape = (0, heads, Dh) if rank == 2 else (0, 0, heads, Dh)
-        return g.op("Reshape", linear(g, x, wt, b), g.ints(*shape))
+        shape = (0, n_heads, Dh) if rank == 2 else (0, 0, n_heads, Dh)
+        return g.op("Reshape", g.linear(x, wt, b), g.ints(*shape))
 
     q, k, v = proj("q_proj", H), proj("k_proj", KV), proj("v_proj", KV)
     if rank == 2:
@@ -83,7 +80,7 @@ def attention(g: GraphBuilder, config: ModelConfig, i: int, w, x: str, past, pos
         o = g.op("Reshape", o, g.ints(0, 0, H * Dh))
     wo = g.weight(f"{p}o_proj.weight.t", np.ascontiguousarray(w["o_proj.weight"].T))
     bo = g.weight(f"{p}o_proj.bias", w["o_proj.bias"]) if "o_proj.bias" in w else None
-    return linear(g, o, wo, bo), {"key": key, "value": value}
+    return g.linear(o, wo, bo), {"key": key, "value": value}
 
 
 def _softmax_attend(g, q, keys, values, visible, Dh):

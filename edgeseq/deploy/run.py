@@ -1,4 +1,7 @@
-"""Streaming text from a bundle through onnxruntime, without PyTorch (``edgeseq run``)."""
+"""Streaming text from a bundle, without PyTorch (``edgeseq run``).
+
+The runners come from ``edgeseq.deploy.runtimes``: the runtime that streams the flavor
+here, on the execution providers and threads of the bundle's target profile."""
 
 from __future__ import annotations
 
@@ -9,30 +12,28 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, graph_path, ort_plugins, ort_runnable, read_manifest
 from edgeseq.data import EOS, text_to_ids
+from edgeseq.deploy.bundle import BundleError, read_manifest
+from edgeseq.deploy.runtimes import Placement, open_runner, runnable_here
 from edgeseq.export.spec import GraphIO
 
 
 def open_session(bundle: Path, flavor: str | None = None, threads: int | None = None):
-    """(StreamingSession over the bundle's onnxruntime graphs, flavor, step runner)."""
-    from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
+    """(StreamingSession over the bundle's graphs, flavor, step runner). ``threads``
+    overrides the target profile's (0: the runtime's default, all cores)."""
     from edgeseq.runtimes.session import StreamingSession
 
     manifest = read_manifest(bundle)
     if manifest["config"]["vocab_size"] <= EOS:
         raise BundleError(f"{bundle} holds a model of {manifest['config']['vocab_size']} tokens, not bytes; "
                           "edgeseq run streams text from byte-level models only")
-    runnable = [f for f in manifest["flavors"] if ort_runnable(f)]
+    runnable = [f for f in manifest["flavors"] if runnable_here(f)]
     flavor = flavor or (runnable[0] if runnable else None)
     if flavor not in runnable:
-        raise BundleError(f"onnxruntime cannot run flavor {flavor!r} here; the bundle's runnable flavors: {runnable}")
+        raise BundleError(f"no runtime here runs flavor {flavor!r}; the bundle's runnable flavors: {runnable}")
+    placement = Placement.of_target(manifest.get("target", {}), threads)
     ios = {k: GraphIO.from_dict(manifest["io"][k]) for k in ("step", "prefill")}
-    step, prefill = (
-        OnnxRuntimeRunner(graph_path(bundle, manifest, flavor, kind), io=ios[kind], intra_op_threads=threads,
-                          plugins=ort_plugins(flavor))
-        for kind in ("step", "prefill")
-    )  # fmt: skip
+    step, prefill = (open_runner(bundle, manifest, flavor, kind, placement) for kind in ("step", "prefill"))
     step.activate()
     prefill.activate()
     return StreamingSession(step, prefill, ios["step"]), flavor, step

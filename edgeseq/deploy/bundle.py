@@ -9,7 +9,8 @@
                              weights digest, and validation rebuilds the reference from it
     README.md                how to run it on the device
 
-This module is torch-free, so that ``edgeseq run`` can read bundles without PyTorch.
+This module is torch-free, so that ``edgeseq run`` can read bundles without PyTorch;
+it imports nothing from the rest of ``edgeseq.deploy``.
 """
 
 from __future__ import annotations
@@ -23,22 +24,6 @@ from edgeseq.errors import EdgeseqError
 
 SCHEMA_VERSION = 1
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with a margin
-NOT_RUNNABLE = "its plugin nodes need TensorRT, or onnxruntime-extensions to run in onnxruntime: pip install 'edgeseq[export]'"
-
-
-def ort_runnable(flavor: str) -> bool:
-    """Whether onnxruntime runs this flavor's graphs here (``tensorrt``: through ``ort_plugins``)."""
-    if flavor == "tensorrt":
-        import importlib.util
-
-        return importlib.util.find_spec("onnxruntime_extensions") is not None
-    return flavor in ("portable", "opset27")
-
-
-def ort_plugins(flavor: str) -> str | None:
-    """How onnxruntime runs a flavor's plugin nodes: the ``tensorrt`` flavor's through the
-    kernels' CPU twins (``edgeseq.runtimes.plugin_ops``); other flavors have none."""
-    return "reference" if flavor == "tensorrt" else None
 
 
 class BundleError(EdgeseqError):
@@ -138,23 +123,3 @@ def device_readme(manifest: dict[str, Any]) -> str:
         f"Validation when exported: {manifest.get('validation', {}).get('summary', 'not run')}.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def load_runners(root: str | Path, flavor: str | None = None, device: str = "auto"):
-    """(reference runner, candidate runner, step io, precision) for a bundle: the PyTorch
-    reference rebuilt from the source model (or ``reference/``) and onnxruntime on the flavor's step graph.
-    ``edgeseq.testing.assert_bundle_parity`` uses this by default."""
-    from edgeseq.export.spec import GraphIO
-    from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
-    from edgeseq.runtimes.torch_runner import TorchRunner
-    from edgeseq.validation_cli import reference_model
-
-    root = Path(root)
-    manifest = read_manifest(root)
-    flavor = flavor or next((f for f in manifest["flavors"] if ort_runnable(f)), None)
-    if flavor is None or not ort_runnable(flavor):
-        raise BundleError(f"onnxruntime cannot run flavor {flavor!r}; the bundle carries {manifest['flavors']}")
-    model, device = reference_model(root, manifest, device)
-    io = GraphIO.from_dict(manifest["io"]["step"])
-    candidate = OnnxRuntimeRunner(graph_path(root, manifest, flavor, "step"), io=io, plugins=ort_plugins(flavor))
-    return TorchRunner(model, "step", device=device), candidate, io, manifest["precision"]

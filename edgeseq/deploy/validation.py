@@ -1,0 +1,269 @@
+"""Driving validation of a bundle: the reference, the inputs, the verdict per flavor.
+
+``validate_flavor`` is what ``edgeseq export`` runs before it writes a bundle and what
+``edgeseq validate BUNDLE`` runs afterwards: the PyTorch reference (fp32) against one
+flavor's step and prefill graphs on held-out prompts, decode steps and a long stream,
+the long stream also against an fp64 run of the same model (the judge of drift), and the
+held-out gate. ``run_validation`` is the ``validate`` command; its ``--golden`` path
+imports no PyTorch. ``load_runners`` is what ``edgeseq.testing.assert_bundle_parity``
+uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeseq.deploy.bundle import read_manifest
+from edgeseq.deploy.runtimes import Placement, open_runner, runnable_here, why_not_here
+from edgeseq.errors import EdgeseqError
+from edgeseq.export.spec import GraphIO
+
+
+class ValidationFailedError(EdgeseqError):
+    """An exported graph disagrees with the reference beyond its tolerance."""
+
+    exit_code = 1
+
+
+# ---- inputs ------------------------------------------------------------------------------
+def heldout_prompts(count: int, vocab_size: int = 264, seed: int = 0) -> list[np.ndarray]:
+    """``count`` prompts of different lengths cut from the shipped held-out sample; for a
+    model whose vocabulary is not bytes, random ids of the same lengths."""
+    from edgeseq.data import PAD, load_sample
+
+    rng = np.random.default_rng(seed)
+    lengths = [1, 37, 200, 777, 64, 513][:count]
+    if vocab_size <= PAD:
+        return [rng.integers(0, vocab_size, (1, n)).astype(np.int64) for n in lengths]
+    sample = load_sample()
+    starts = rng.integers(0, len(sample) - max(lengths) - 1, len(lengths))
+    return [sample[s : s + n][None, :].astype(np.int64) for s, n in zip(starts, lengths)]
+
+
+def stream_limit(config) -> int | None:
+    """Longest stream a model takes: a global attention cache holds max_context tokens."""
+    return config.stream_limit()
+
+
+def stream_start(config, length: int = 64) -> np.ndarray | None:
+    """Held-out text the decode streams start from (then they go on greedily), so that
+    quantized graphs are judged in distribution; None (a random token) for other vocabularies."""
+    from edgeseq.data import PAD, load_sample
+
+    if config.vocab_size <= PAD:
+        return None
+    sample = load_sample()
+    return sample[len(sample) // 3 : len(sample) // 3 + length][None, :].astype(np.int64)
+
+
+def validation_prompts(config, count: int) -> list[np.ndarray]:
+    limit = stream_limit(config)
+    return [p[:, :limit] for p in heldout_prompts(count, config.vocab_size)]
+
+
+# ---- the reference -----------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    """"auto" -> CUDA when there is a GPU, else the CPU; "cuda" without one is refused."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EdgeseqError("--device cuda but no CUDA device is visible; use --device cpu or auto")
+    return device
+
+
+def reference_model(bundle: Path, manifest: dict, device: str, override: str | None = None):
+    """(fp32 reference model, device) for a bundle: ``reference/`` when the bundle carries
+    it, else the source model the manifest names (or ``override``) extracted at the
+    bundle's width, refused if its weights are not the ones the bundle was exported from."""
+    from edgeseq.extract import extract
+    from edgeseq.families import load_checkpoint
+    from edgeseq.width import WidthSpec
+    from edgeseq.zoo import load_model, weights_digest
+
+    device = resolve_device(device)
+    ref = manifest.get("reference", {})
+    if override is None and ref.get("embedded"):
+        model, _ = load_checkpoint(bundle / ref["embedded"], "native")
+        return model.float().eval(), device
+    source = override or ref.get("model")
+    full, _ = load_model(source)
+    if weights_digest(full) != ref.get("weights_sha256"):
+        where = f"--reference {override}" if override else f"the source model {source or 'mamba2-tiny'}"
+        raise EdgeseqError(f"{where} is not the model {bundle} was exported from (weights differ); "
+                           "pass the original checkpoint with --reference or re-export the bundle")  # fmt: skip
+    return extract(full, WidthSpec.parse(manifest["width"])).float().eval(), device
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+# ---- one flavor --------------------------------------------------------------------------
+@dataclass
+class FlavorValidation:
+    """One flavor's verdict: the step/prefill comparison and the held-out gate."""
+
+    compare: Any  # CompareResult
+    heldout: Any = None  # HeldoutResult, or None where not judged
+    heldout_skipped: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.compare) and (self.heldout is None or bool(self.heldout))
+
+    def summary(self) -> str:
+        parts = [self.compare.summary()]
+        if self.heldout is not None:
+            parts.append(self.heldout.summary())
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"passed": bool(self), "summary": self.summary(),
+                "heldout": self.heldout.to_dict() if self.heldout is not None else {"skipped": self.heldout_skipped}}  # fmt: skip
+
+
+def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int, long_steps: int, prompts: int,
+                    device: str, threads: int | None = None, heldout: tuple[int, int] | None = (16, 512),
+                    oracle: bool = True) -> FlavorValidation:  # fmt: skip
+    """Compare the bundle's graphs of one flavor with the reference, judge the long stream's
+    drift against fp64 (``oracle``), and judge held-out bits per byte, top-1 and KL
+    (``heldout`` = streams x tokens; None skips it). Candidate runners come from
+    ``edgeseq.deploy.runtimes``, placed on the target's execution providers; ``threads``
+    (None: all cores) is this machine's, not the target's."""
+    from edgeseq.data import PAD
+    from edgeseq.runtimes.torch_runner import TorchRunner
+    from edgeseq.validate import compare
+    from edgeseq.validate.heldout import heldout_gate
+
+    precision = manifest["precision"]
+    step_io, prefill_io = (GraphIO.from_dict(manifest["io"][k]) for k in ("step", "prefill"))
+    limit = stream_limit(model.config)
+    if limit is not None:
+        steps, long_steps = min(steps, limit), min(long_steps, limit)
+    placement = Placement(Placement.of_target(manifest.get("target", {})).providers, threads)
+    runners = [
+        TorchRunner(model, "step", device=device),
+        open_runner(bundle, manifest, flavor, "step", placement),
+        TorchRunner(model, "prefill", device=device),
+        open_runner(bundle, manifest, flavor, "prefill", placement),
+    ]
+    if oracle and long_steps:
+        runners.append(_oracle_runner(model))
+    for r in runners:
+        r.activate()
+    try:
+        ref_step, cand_step, ref_pre, cand_pre, *rest = runners
+        result = compare(
+            ref_step, cand_step, step_io, tolerance=precision,
+            prompts=validation_prompts(model.config, prompts), tokens=stream_start(model.config),
+            steps=steps, long_steps=long_steps, prefill=(ref_pre, cand_pre, prefill_io),
+            reference_device=f"{device}:{device_name(device)}", **({"oracle": rest[0]} if rest else {}),
+        )  # fmt: skip
+        if heldout is None:
+            return FlavorValidation(result, heldout_skipped="not asked")
+        if model.config.vocab_size <= PAD:
+            return FlavorValidation(result, heldout_skipped="the model's vocabulary is not bytes")
+        streams, tokens = heldout
+        if limit is not None:  # a window of tokens + 1 bytes must fit a global attention cache
+            tokens = min(tokens, limit - 1)
+        return FlavorValidation(result, heldout_gate(ref_step, cand_step, step_io, precision, streams, tokens))
+    finally:
+        for r in runners:
+            r.deactivate()
+
+
+def _oracle_runner(model):
+    """The same model in fp64 on the CPU (its own copy, made on activate): the judge of the
+    long stream's drift. Which device runs it does not matter: fp64 runs agree to ~1e-13."""
+    from edgeseq.runtimes.torch_runner import TorchRunner
+
+    return TorchRunner(model, "step", device="cpu", dtype="float64")
+
+
+# ---- edgeseq validate --------------------------------------------------------------------
+def _write_outputs(result, flavor: str, report: Path | None, plot: Path | None, many: bool) -> None:
+    from edgeseq.validate import plot_drift, write_report
+
+    def named(p: Path) -> Path:
+        return p.with_name(f"{flavor}-{p.name}") if many else p
+
+    if report:
+        write_report(result, named(report))
+    if plot and "long_stream" in result.phases:
+        plot_drift(result, named(plot))
+
+
+def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden,
+                   reference: str | None = None) -> dict:  # fmt: skip
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    flavors = [flavor] if flavor else manifest["flavors"]
+    precision = manifest["precision"]
+    outcome = {"bundle": str(bundle), "precision": precision, "flavors": {}, "not_run": {}, "passed": True}
+    runnable = [f for f in flavors if runnable_here(f)]
+    outcome["not_run"] = {f: why_not_here(f) for f in flavors if not runnable_here(f)}
+    placement = Placement(Placement.of_target(manifest.get("target", {})).providers, None)
+    if golden:
+        from edgeseq.validate import compare_golden
+
+        outcome["reference"] = f"golden file {golden}"
+        for f in runnable:
+            with open_runner(bundle, manifest, f, "step", placement) as cand:
+                result = compare_golden(cand, golden, tolerance=precision)
+            _record(outcome, f, result, result)
+            _write_outputs(result, f, report, plot, len(runnable) > 1)
+        return outcome
+    model, device = reference_model(bundle, manifest, device, reference)
+    outcome["reference"] = f"PyTorch fp32 on {device}; drift judged against fp64 on the CPU"
+    if save_golden:
+        from edgeseq.export.spec import graph_io
+        from edgeseq.runtimes.torch_runner import TorchRunner
+        from edgeseq.validate import record_golden
+        from edgeseq.validate import save_golden as write_golden
+
+        with TorchRunner(model, "step", device=device) as ref:
+            g = record_golden(ref, graph_io(model.config, "step"), prompts=validation_prompts(model.config, 4),
+                              steps=min(steps, stream_limit(model.config) or steps),
+                              info={"bundle": str(bundle), "device": device})  # fmt: skip
+        write_golden(save_golden, g, overwrite=True)
+        outcome["golden"] = str(save_golden)
+    for f in runnable:
+        result = validate_flavor(bundle, manifest, model, f, steps, long_steps, 4, device)
+        _record(outcome, f, result, result.compare, result.to_dict()["heldout"])
+        _write_outputs(result.compare, f, report, plot, len(runnable) > 1)
+    return outcome
+
+
+def _record(outcome: dict, flavor: str, verdict, compared, heldout: dict | None = None) -> None:
+    """``verdict`` decides (a CompareResult, or FlavorValidation with the held-out gate);
+    ``compared`` is the comparison whose statistics the outcome carries."""
+    entry = {"passed": bool(verdict), "summary": verdict.summary(), "result": compared.to_dict()}
+    outcome["flavors"][flavor] = entry | ({"heldout": heldout} if heldout is not None else {})
+    outcome["passed"] &= bool(verdict)
+
+
+# ---- users' CI ---------------------------------------------------------------------------
+def load_runners(root: str | Path, flavor: str | None = None, device: str = "auto"):
+    """(reference runner, candidate runner, step io, precision) for a bundle: the PyTorch
+    reference rebuilt from the source model (or ``reference/``) and the flavor's step graph
+    on the runtime that runs it here. ``edgeseq.testing.assert_bundle_parity`` uses this."""
+    from edgeseq.runtimes.torch_runner import TorchRunner
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    flavor = flavor or next((f for f in manifest["flavors"] if runnable_here(f)), manifest["flavors"][0])
+    model, device = reference_model(root, manifest, device)
+    candidate = open_runner(root, manifest, flavor, "step", Placement.of_target(manifest.get("target", {}), 0))
+    io = GraphIO.from_dict(manifest["io"]["step"])
+    return TorchRunner(model, "step", device=device), candidate, io, manifest["precision"]

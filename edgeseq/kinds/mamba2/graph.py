@@ -1,0 +1,203 @@
+"""The Mamba2 layer in ONNX, with one core per export flavor.
+
+    x -> in_proj -> z | xBC | dt
+                    xBC, dt -> conv + SSM core (per flavor) -> y
+    y, z -> gated RMSNorm -> out_proj
+
+Only the causal conv and the SSM core differ between flavors; everything around them is
+the same basic-op graph:
+
+- ``portable``: basic ops, opset 18 (``ssd_graph``).
+- ``opset27``: the standard ``CausalConvWithState`` and ``LinearAttention``
+  (update_rule "gated"): query = C, key = B, value = dt*x, decay = dt*A (log space),
+  state (b, h, n, p), scale 1.
+- ``tensorrt``: TensorRT plugin nodes (op type = plugin name, the flavor's
+  ``plugin_attrs``; contract in ``edgeseq.export.trt_plugins``), each one Triton kernel: the
+  step's conv, dt and SSM as one ``EdgeseqSSDStep``; the prefill scan as
+  ``EdgeseqSSDChunkState`` then ``EdgeseqSSDChunkScan``, the prefill conv in basic ops.
+
+``g`` is an ``edgeseq.export.builder.GraphBuilder``; ``flavor`` an
+``edgeseq.export.flavors.Flavor``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeseq.kinds.mamba2 import ssd_graph
+
+
+@dataclass(frozen=True)
+class SSMDims:
+    heads: int
+    groups: int
+    headdim: int
+    d_state: int
+    chunk: int
+
+
+@dataclass(frozen=True)
+class CoreWeights:
+    """What the conv + SSM core of one Mamba2 layer reads besides activations and state."""
+
+    conv_weight: np.ndarray  # [k, w]
+    conv_bias: np.ndarray | None  # [k]
+    dt_bias: str  # graph value [h]
+    A: np.ndarray  # [h], negative
+    D: np.ndarray  # [h]
+    dt_limit: tuple[float, float]
+
+
+def lead(rank: int) -> tuple[int, ...]:
+    """Reshape dims that copy the leading (batch, time) axes."""
+    return (0,) * (rank - 1)
+
+
+def gated_norm(g, y: str, z: str, weight: str, groups: int, width: int, eps: float, rank: int) -> str:
+    """RMSNorm(y * silu(z)) over ``groups`` groups of the last axis, times weight."""
+    yz = g.op("Mul", y, g.silu(z))
+    grouped = g.op("Reshape", yz, g.ints(*lead(rank), groups, width // groups))
+    ms = g.op("ReduceMean", g.op("Mul", grouped, grouped), g.ints(-1), keepdims=1)
+    normed = g.op("Div", grouped, g.op("Sqrt", g.op("Add", ms, g.const(eps))))
+    return g.op("Mul", g.op("Reshape", normed, g.ints(*lead(rank), width)), weight)
+
+
+def mamba2(g, flavor, config, heads: int, w: dict[str, np.ndarray], p: str, x: str, past: dict[str, str], rank: int):
+    """x [b,(t,)d] normed -> out [b,(t,)d], {"conv": present, "ssm": present} (diagram above)."""
+    m = config.mamba
+    H, P, N, G = heads, m.headdim, m.d_state, m.ngroups
+    di, gn = H * P, G * N
+    zxbcdt = g.linear(x, g.matrix(w, p, "in_proj"), g.bias(w, p, "in_proj"))
+    z, xBC, dt = g.split(zxbcdt, [di, di + 2 * gn, H])
+    weights = CoreWeights(
+        conv_weight=w["conv1d.weight"][:, 0, :],
+        conv_bias=w.get("conv1d.bias"),
+        dt_bias=g.vector(w, p, "dt_bias"),
+        A=-np.exp(w["A_log"].astype(np.float64)).astype(np.float32),
+        D=w["D"],
+        dt_limit=m.dt_limit,
+    )
+    core = CORES[flavor.name]
+    y, present = core.mixer_core(g, flavor, SSMDims(H, G, P, N, m.chunk_size), weights, xBC, dt, past, rank)
+    y = gated_norm(g, g.op("Reshape", y, g.ints(*lead(rank), di)), z, g.vector(w, p, "norm.weight"), G, di,
+                   config.norm_eps, rank)
+    out = g.linear(y, g.matrix(w, p, "out_proj"), g.bias(w, p, "out_proj"))
+    return out, present
+
+
+class Portable:
+    def mixer_core(self, g, flavor, d: SSMDims, w: CoreWeights, xBC, dt, past: dict[str, str], rank: int):
+        """xBC [b,(t,)k] and dt [b,(t,)h] from in_proj -> y [b,(t,)h,p], {"conv", "ssm"} present.
+
+            xBC -> causal conv + SiLU -> x | B | C;  dt -> softplus(dt + dt_bias) -> clamp
+            SSM core: x, dt, A, B, C, D, past ssm -> y
+        """
+        lead_dims = lead(rank)
+        conv = self.conv_step if rank == 2 else self.conv_prefill
+        xBC, conv_state = conv(g, xBC, past["conv"], w.conv_weight, w.conv_bias)
+        di, gn = d.heads * d.headdim, d.groups * d.d_state
+        xs, Bs, Cs = g.split(xBC, [di, gn, gn])
+        dt = g.op("Softplus", g.op("Add", dt, w.dt_bias))
+        lo, hi = w.dt_limit
+        if lo > 0 or math.isfinite(hi):
+            dt = g.op("Clip", dt, g.const(lo), g.const(hi if math.isfinite(hi) else np.finfo(np.float32).max))
+        core = self.ssm_step if rank == 2 else self.ssm_prefill
+        y, ssm_state = core(
+            g, flavor, d, g.reshape(xs, *lead_dims, d.heads, d.headdim), dt, w.A,
+            g.reshape(Bs, *lead_dims, d.groups, d.d_state), g.reshape(Cs, *lead_dims, d.groups, d.d_state), w.D,
+            past["ssm"],
+        )  # fmt: skip
+        return y, {"conv": conv_state, "ssm": ssm_state}
+
+    def conv_step(self, g, x, past, weight: np.ndarray, bias: np.ndarray | None):
+        """x [b,c], past [b,c,k-1], weight [c,k] -> silu(conv) [b,c], present [b,c,k-1]."""
+        window = g.op("Concat", past, g.op("Unsqueeze", x, g.ints(-1)), axis=-1)  # [b, c, k]
+        y = g.op("ReduceSum", g.op("Mul", window, g.const(weight)), g.ints(-1), keepdims=0)
+        if bias is not None:
+            y = g.op("Add", y, g.const(bias))
+        present = g.op("Slice", window, g.ints(1), g.ints(weight.shape[1]), g.ints(-1))
+        return g.silu(y), present
+
+    def conv_prefill(self, g, x, past, weight: np.ndarray, bias: np.ndarray | None):
+        """x [b,t,c], past [b,c,k-1] -> silu(conv) [b,t,c], present [b,c,k-1]."""
+        k = weight.shape[1]
+        window = g.op("Concat", past, g.op("Transpose", x, perm=[0, 2, 1]), axis=-1)  # [b, c, k-1+t]
+        inputs = [window, g.const(weight[:, None, :])] + ([g.const(bias)] if bias is not None else [])
+        y = g.op("Conv", *inputs, group=weight.shape[0], kernel_shape=[k])  # [b, c, t]
+        present = g.op("Slice", window, g.ints(-(k - 1)), g.ints(np.iinfo(np.int64).max), g.ints(-1))
+        return g.silu(g.op("Transpose", y, perm=[0, 2, 1])), present
+
+    def ssm_step(self, g, flavor, d: SSMDims, x, dt, A, B, C, D, past):
+        return ssd_graph.ssd_step(g, x, dt, A, B, C, D, past, heads=d.heads, groups=d.groups, headdim=d.headdim,
+                                  d_state=d.d_state)
+
+    def ssm_prefill(self, g, flavor, d: SSMDims, x, dt, A, B, C, D, past):
+        return ssd_graph.ssd_scan(g, x, dt, A, B, C, D, past, heads=d.heads, groups=d.groups, headdim=d.headdim,
+                                  d_state=d.d_state, chunk=d.chunk)
+
+
+class Opset27(Portable):
+    def conv_step(self, g, x, past, weight, bias):
+        y, present = self.conv_prefill(g, g.op("Unsqueeze", x, g.ints(1)), past, weight, bias)
+        return g.op("Squeeze", y, g.ints(1)), present
+
+    def conv_prefill(self, g, x, past, weight, bias):
+        inputs = [g.op("Transpose", x, perm=[0, 2, 1]), g.const(weight[:, None, :]), g.const(bias) if bias is not None else "", past]
+        y, present = g.op("CausalConvWithState", *inputs, outputs=2, activation="silu")
+        return g.op("Transpose", y, perm=[0, 2, 1]), present
+
+    def _linear_attention(self, g, d: SSMDims, x, dt, A, B, C, D, past):
+        """x [b,t,h,p], dt [b,t,h], B/C [b,t,g,n] -> y [b,t,h,p], present [b,h,n,p]."""
+        H, N, P = d.heads, d.d_state, d.headdim
+        q = g.reshape(ssd_graph.heads_from_groups(g, C, d.groups, H, N, axis=2), 0, 0, H * N)
+        k = g.reshape(ssd_graph.heads_from_groups(g, B, d.groups, H, N, axis=2), 0, 0, H * N)
+        v = g.reshape(g.op("Mul", x, g.op("Unsqueeze", dt, g.ints(-1))), 0, 0, H * P)
+        decay = g.op("Mul", dt, g.const(A))  # log-space decay per head
+        out, present = g.op("LinearAttention", q, k, v, past, decay, outputs=2, update_rule="gated",
+                            q_num_heads=H, kv_num_heads=H, scale=1.0, chunk_size=d.chunk)
+        y = g.op("Add", g.reshape(out, 0, 0, H, P), g.op("Mul", x, g.const(D.reshape(H, 1))))
+        return y, present
+
+    def ssm_prefill(self, g, flavor, d: SSMDims, x, dt, A, B, C, D, past):
+        return self._linear_attention(g, d, x, dt, A, B, C, D, past)
+
+    def ssm_step(self, g, flavor, d: SSMDims, x, dt, A, B, C, D, past):
+        one = [g.op("Unsqueeze", v, g.ints(1)) for v in (x, dt, B, C)]
+        y, present = self._linear_attention(g, d, *one[:2], A, *one[2:], D, past)
+        return g.op("Squeeze", y, g.ints(1)), present
+
+
+class TensorRT(Portable):
+    """Plugin nodes (``edgeseq.export.trt_plugins.PLUGINS`` is the node contract)."""
+
+    def _plugin(self, g, flavor, op: str, d: SSMDims, *inputs: str, outputs: int, **attrs):
+        sizes = dict(heads=d.heads, ngroups=d.groups, headdim=d.headdim, d_state=d.d_state)
+        return g.op(op, *inputs, outputs=outputs, domain=flavor.plugin_domain, output_dtype="float32",
+                    **flavor.plugin_attrs, **sizes, **attrs)  # fmt: skip
+
+    def mixer_core(self, g, flavor, d: SSMDims, w: CoreWeights, xBC, dt, past: dict[str, str], rank: int):
+        """The step: conv, dt, state update and output in one EdgeseqSSDStep node."""
+        if rank != 2:
+            return super().mixer_core(g, flavor, d, w, xBC, dt, past, rank)
+        bias = w.conv_bias if w.conv_bias is not None else np.zeros(w.conv_weight.shape[0], np.float32)
+        lo, hi = w.dt_limit
+        y, conv_state, ssm_state = self._plugin(
+            g, flavor, "EdgeseqSSDStep", d, xBC, dt, past["conv"], g.const(w.conv_weight), g.const(bias), w.dt_bias,
+            g.const(w.A), g.const(w.D), past["ssm"], outputs=3,
+            d_conv=int(w.conv_weight.shape[1]), dt_min=float(lo), dt_max=float(hi),
+        )  # fmt: skip
+        return y, {"conv": conv_state, "ssm": ssm_state}
+
+    def ssm_prefill(self, g, flavor, d: SSMDims, x, dt, A, B, C, D, past):
+        """EdgeseqSSDChunkState (a_cum, states entering chunks, final) -> EdgeseqSSDChunkScan (y)."""
+        a_cum, states, final = self._plugin(g, flavor, "EdgeseqSSDChunkState", d, x, dt, g.const(A), B, past,
+                                            outputs=3, chunk_size=d.chunk)  # fmt: skip
+        y = self._plugin(g, flavor, "EdgeseqSSDChunkScan", d, x, dt, B, C, states, a_cum, g.const(D), outputs=1,
+                         chunk_size=d.chunk)  # fmt: skip
+        return y, final
+
+
+CORES = {"portable": Portable(), "opset27": Opset27(), "tensorrt": TensorRT()}  # by flavor name
