@@ -22,7 +22,7 @@ MODELS, WIDTHS = ("mamba2-tiny", "hybrid-tiny"), ("1", "0.5", "0.25")
 
 
 def cell(args) -> dict:
-    model, width, steps, long_steps, work, threads, device = args
+    model, width, flavor, steps, long_steps, work, threads, device = args
     import torch
 
     from edgeseq.deploy.pipeline import ExportRequest, export_bundle
@@ -30,12 +30,12 @@ def cell(args) -> dict:
     torch.set_num_threads(threads)  # the reference's threads, like onnxruntime's: jobs share the cores
     from edgeseq.width import WidthSpec
 
-    out = Path(work) / f"{model}-w{width}"
+    out = Path(work) / (f"{model}-w{width}" + (f"-{flavor}" if flavor else ""))
     if (out / "manifest.json").is_file():  # a finished cell of an interrupted run
         manifest = json.loads((out / "manifest.json").read_text())
         return _row(model, width, out, manifest, None)
     t0 = time.time()
-    req = ExportRequest(model, "x86-64-cpu", WidthSpec.parse(width), out, None, steps=steps, long_steps=long_steps,
+    req = ExportRequest(model, "x86-64-cpu", WidthSpec.parse(width), out, flavor, steps=steps, long_steps=long_steps,
                         overwrite=True, threads=threads, reference_device=device)
     try:
         manifest = export_bundle(req)
@@ -75,9 +75,11 @@ def main() -> None:
     ap.add_argument("--long-steps", type=int, default=4096)
     ap.add_argument("--device", default="auto", choices=DEVICES, help="where the reference runs")
     ap.add_argument("--models", default=",".join(MODELS), help="comma list (default: both shipped models)")
+    ap.add_argument("--split-flavors", action="store_true", help="a job per flavor (more, shorter jobs)")
     args = ap.parse_args()
-    cells = [(m, w) for m in args.models.split(",") for w in WIDTHS]
-    jobs = [(m, w, args.steps, args.long_steps, args.work, args.threads, args.device) for m, w in cells]
+    flavors = ("portable", "opset27") if args.split_flavors else (None,)  # the x86 target's flavors
+    cells = [(m, w, f) for m in args.models.split(",") for w in WIDTHS for f in flavors]
+    jobs = [(*c, args.steps, args.long_steps, args.work, args.threads, args.device) for c in cells]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(cell, jobs)
     out = Path(args.out)
