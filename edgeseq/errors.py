@@ -1,6 +1,8 @@
 """Errors a user can cause. Each message is one line that says what to do next.
 
-The CLI prints ``str(error)`` without a traceback and exits with ``error.exit_code``.
+The CLI prints ``str(error)`` without a traceback and exits with ``error.exit_code``:
+2 for a user error, 1 for a failed validation (``ValidationFailedError``), 130 when
+interrupted (Ctrl-C or SIGTERM; ``edgeseq.cli.common``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ class WidthError(EdgeseqError):
 
 
 class OutputExistsError(EdgeseqError):
-    """An output path is taken and overwriting was not asked for."""
+    """An output path is taken and overwriting was not asked for (or what is there is not
+    something edgeseq may replace)."""
+
+
+class OutputPathError(EdgeseqError):
+    """An output path cannot be written (a parent is a file, no permission, a read-only
+    or virtual file system)."""
 
 
 class CheckpointError(EdgeseqError):

@@ -13,6 +13,7 @@ anything else is refused with the nearest widths that work. Layers with many uni
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -114,3 +115,47 @@ def resolve(config: ModelConfig, spec: WidthSpec | float | str | None) -> tuple[
 
 def full(config: ModelConfig) -> tuple[LayerWidth, ...]:
     return resolve(config, None)
+
+
+def kept_fractions(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> list[dict[str, Fraction]]:
+    """What each layer's nested parts keep, as exact fractions of their stored size."""
+    return [
+        {part: Fraction(w[part], config.part_size(i, part)) for part in spec.parts if config.is_nested(part)}
+        for i, (spec, w) in enumerate(zip(config.layers, widths))
+    ]
+
+
+def exact_width(config: ModelConfig, spec: WidthSpec) -> str:
+    """The width a spec really keeps: "7/24 = 0.2917" where every nested part keeps the same
+    fraction and "0.3" would not say it exactly, else the spec as asked."""
+    kept = {f for layer in kept_fractions(config, resolve(config, spec)) for f in layer.values()}
+    if len(spec.fractions) == 1 and len(kept) == 1:
+        (f,) = kept
+        if f.denominator > 1 and (abs(float(f) - spec.fractions[0]) > 1e-12 or len(f"{float(f):g}") > 6):
+            return f"{f.numerator}/{f.denominator} = {float(f):.4g}"
+    return str(spec)
+
+
+def untrained_warning(config: ModelConfig, spec: WidthSpec) -> str | None:
+    """A one-line warning when ``spec`` keeps, in some layer, sizes the checkpoint was not
+    trained at (None when every layer sits at a trained width: a plain nested width or a
+    Mix'n'Match of them), naming the nearest trained widths and how to measure the cost."""
+    widths = resolve(config, spec)
+    trained = []
+    for w in config.nested_widths:
+        with contextlib.suppress(WidthError):
+            trained.append((w, resolve(config, w)))
+    if all(any(layer == at[i] for _, at in trained) for i, layer in enumerate(widths)):
+        return None
+    asked = exact_width(config, spec).split(" = ")[0]
+    flag = "--width" if len(spec.fractions) == 1 else "--widths"
+    measure = f"measure its cost with `edgeseq extract {flag} {asked} -o DIR && edgeseq eval DIR`"
+    if [w for w, _ in trained] == [1.0]:
+        return f"this checkpoint was not trained nested, so width {asked} is an untested cut; {measure}"
+    if len(spec.fractions) > 1:
+        names = ", ".join(f"{w:g}" for w, _ in trained)
+        return f"widths {asked} keep sizes no trained width has in some layers (trained: {names}); {measure}"
+    below = [w for w, _ in trained if w < spec.fractions[0]]
+    above = [w for w, _ in trained if w > spec.fractions[0]]
+    near = " and ".join(f"{w:g}" for w in ([max(below)] if below else []) + ([min(above)] if above else []))
+    return f"width {asked} was not trained (the nearest trained widths are {near}); {measure}"

@@ -12,6 +12,8 @@ commands that need them, so ``edgeseq run`` works on a device without PyTorch.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from typing import Any
 
 import click
@@ -20,17 +22,32 @@ from edgeseq import __version__
 from edgeseq.errors import EdgeseqError
 
 DEFAULT_MODEL = "mamba2-tiny"
+INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C; SIGTERM ends a run the same way
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
 
 class EdgeseqGroup(click.Group):
-    """Turns a user error into one stderr line and its exit code, with no traceback."""
+    """Turns a user error into one stderr line and its exit code, with no traceback, and an
+    interrupt (Ctrl-C, SIGTERM) into exit 130 after every atomic writer has cleaned up."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
         try:
             return super().invoke(ctx)
         except EdgeseqError as e:
             message = " ".join(str(e).split()) or type(e).__name__
             click.echo(f"error: {message}", err=True)
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            ctx.exit(INTERRUPTED)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _emit_json(doc: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from rich.table import Table
 from edgeseq.choices import FORMATS, PRECISIONS, WRITABLE_FORMATS
 from edgeseq.cli.common import DEFAULT_MODEL, _bytes, _count, _emit_json, _trained, json_option, main, model_argument
 from edgeseq.errors import EdgeseqError, WidthError
-from edgeseq.width import WidthSpec, resolve
+from edgeseq.width import WidthSpec, exact_width, resolve, untrained_warning
 
 SIZE_NOTE = (
     "Weights as one exported graph stores them (the sizing model `edgeseq plan` uses): int8/int4 "
@@ -132,9 +132,11 @@ def extract(model: str, width: str | None, widths: str | None, output: Path, fmt
     config = lm.config
     spec = _width_spec(width, widths, config.n_layer)
     layer_widths = resolve(config, spec)
+    exact, warning = exact_width(config, spec), untrained_warning(config, spec)
     sub = extract_model(lm, spec)
     provenance = {k: v for k, v in metadata.items() if k not in ("format", "name")}
-    provenance |= {"source": metadata.get("name", model), "source_format": metadata["format"], "width": str(spec)}
+    label = exact.split(" = ")[0]
+    provenance |= {"source": metadata.get("name", model), "source_format": metadata["format"], "width": label}
     save_checkpoint(sub, output, format=fmt, metadata=provenance, overwrite=overwrite)
 
     full, kept = size_of(config, resolve(config, None), "stored"), size_of(config, layer_widths, str(spec))
@@ -143,7 +145,9 @@ def extract(model: str, width: str | None, widths: str | None, output: Path, fmt
         "source": provenance["source"],
         "output": str(output),
         "format": fmt,
-        "width": str(spec),
+        "width": label,
+        "width_kept": exact,
+        "warning": warning,
         "layers": layers,
         "source_size": full.to_dict(),
         "size": kept.to_dict(),
@@ -176,6 +180,10 @@ def _print_extracted(doc: dict[str, Any]) -> None:
         for n, (kind, kept) in enumerate(row["parts"].items()):
             table.add_row(str(row["layer"]) if n == 0 else "", kind, _kept(kept))
     console.print(table)
+    if doc["width_kept"] != doc["width"]:
+        console.print(f"width {doc['width_kept']} kept in every layer", highlight=False)
+    if doc["warning"]:
+        Console(stderr=True).print(f"[yellow]warning:[/] {doc['warning']}", highlight=False)
     kept, full = doc["size"], doc["source_size"]
     console.print(
         f"params {_count(kept['params'])} of {_count(full['params'])} ({kept['params'] / full['params']:.1%}); "

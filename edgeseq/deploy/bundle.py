@@ -30,6 +30,19 @@ class BundleError(EdgeseqError):
     """A bundle is missing, from another schema, or altered since it was written."""
 
 
+def not_a_bundle(path: Path) -> str | None:
+    """Why ``path`` is not an edgeseq bundle that ``--overwrite`` may replace (None: it is one)."""
+    if not path.is_dir() or path.is_symlink():
+        return "is not a directory, so not an edgeseq bundle"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "is not an edgeseq bundle (no readable manifest.json)"
+    if not isinstance(manifest, dict) or "schema_version" not in manifest:
+        return "is not an edgeseq bundle (its manifest.json is not one edgeseq wrote)"
+    return None
+
+
 def write_graph(path: Path, proto) -> None:
     """Save an ONNX model; weights go to ``<name>.data`` beside it when over 2 GB."""
     import onnx

@@ -27,7 +27,7 @@ from typing import Any
 
 
 from edgeseq.atomic import atomic_dir
-from edgeseq.deploy.bundle import device_readme, read_manifest, write_graph, write_manifest
+from edgeseq.deploy.bundle import device_readme, not_a_bundle, read_manifest, write_graph, write_manifest
 from edgeseq.deploy.runtimes import runnable_here, why_not_here
 from edgeseq.deploy.validation import ValidationFailedError, reference_model, resolve_device, validate_flavor
 from edgeseq.errors import EdgeseqError
@@ -36,7 +36,7 @@ from edgeseq.export.quantize import QuantOptions, quantize_graph
 from edgeseq.export.spec import graph_io
 from edgeseq.extract import extract
 from edgeseq.targets import Target, get_target
-from edgeseq.width import WidthSpec, resolve
+from edgeseq.width import WidthSpec, exact_width, resolve, untrained_warning
 
 __all__ = ["ExportRequest", "ValidationFailedError", "export_bundle", "quantize_bundle"]
 
@@ -105,10 +105,23 @@ def quant_options(target: Target, precision: str, block_size: int = 32) -> Quant
 
 
 def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail: None) -> dict[str, Any]:
-    """Run every stage; returns the manifest written to ``req.output``."""
+    """Run every stage; returns the manifest written to ``req.output``. The output path is
+    taken before any work (a path that cannot be written, or anything but a bundle under
+    ``--overwrite``, is refused at once); nothing appears there unless every stage passes."""
+    target: Target = get_target(req.target)
+    with bundle_dir(req.output, req.overwrite) as tmp:
+        return _export(req, target, tmp, progress)
+
+
+def bundle_dir(output: Path, overwrite: bool):
+    """The temporary directory a bundle is built in, renamed to ``output`` on success.
+    ``overwrite`` replaces an earlier edgeseq bundle only, never anything else."""
+    return atomic_dir(output, overwrite=overwrite, replaceable=not_a_bundle)
+
+
+def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -> dict[str, Any]:
     from edgeseq.zoo import load_model, weights_digest
 
-    target: Target = get_target(req.target)
     progress("load", f"{req.model or 'default model'}")
     full, metadata = load_model(req.model)
     if req.width is not None:
@@ -116,7 +129,13 @@ def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail:
     chosen = plan_export(full.config, target, req)
     for reason in chosen.reasons:
         progress("plan", reason)
-    progress("extract", f"width {chosen.width}")
+    exact = exact_width(full.config, chosen.width)  # "7/24 = 0.2917" where 0.3 was asked
+    label = exact.split(" = ")[0]
+    if label != str(chosen.width):
+        progress("width", f"{chosen.width} keeps {exact} of every layer's units")
+    if warning := untrained_warning(full.config, chosen.width):
+        progress("warning", warning)
+    progress("extract", f"width {label}")
     model = extract(full, chosen.width).float().eval()
     flavors = [req.flavor] if req.flavor else list(target.flavors)
     options = quant_options(target, chosen.precision, req.int4_block_size)
@@ -130,13 +149,13 @@ def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail:
             graphs[flavor] = {kind: quantize_graph(g, options) for kind, g in graphs[flavor].items()}
     source = {
         "model": req.model if req.model is None or not Path(req.model).exists() else str(Path(req.model).resolve()),
-        "name": metadata.get("name"), "width": str(chosen.width), "weights_sha256": weights_digest(full),
+        "name": metadata.get("name"), "width": label, "weights_sha256": weights_digest(full),
     }  # fmt: skip
     manifest = {
         "model_name": metadata.get("name"),
         "source": {k: v for k, v in metadata.items() if k in ("name", "format", "trained", "steps")},
         "config": model.config.to_dict(),
-        "width": str(chosen.width),
+        "width": label,
         "layer_widths": [w.to_dict() for w in resolve(full.config, chosen.width)],
         "flavors": flavors,
         "precision": chosen.precision,
@@ -146,45 +165,44 @@ def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail:
         "io": {kind: graph_io(model.config, kind).to_dict() for kind in ("step", "prefill")},
         "reference": source,
     }
-    return write_bundle(req, model, graphs, manifest, progress)
+    return write_bundle(tmp, req, model, graphs, manifest, progress)
 
 
-def write_bundle(req: ExportRequest, model, graphs: dict, manifest: dict, progress: Progress) -> dict[str, Any]:
-    """Write graphs, validate them, write README and manifest; all or nothing."""
+def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: dict, progress: Progress) -> dict[str, Any]:
+    """Write graphs, validate them, write README and manifest into ``tmp`` (``bundle_dir``)."""
     from edgeseq.families.native import Native
     from edgeseq.validate import plot_drift, write_report
 
     precision = manifest["precision"]
-    with atomic_dir(req.output, overwrite=req.overwrite) as tmp:
-        for flavor, kinds in graphs.items():
-            for kind, proto in kinds.items():
-                write_graph(tmp / flavor / f"{kind}.onnx", proto)
-        if req.embed_reference:
-            (tmp / "reference").mkdir()
-            Native.write(model, tmp / "reference", {"source": manifest["model_name"], "width": manifest["width"]})
-            manifest["reference"] = {**manifest["reference"], "embedded": "reference"}
-        validation = {"ran": {}, "not_run": {}}
-        manifest["graphs"] = {f: {k: f"{f}/{k}.onnx" for k in kinds} for f, kinds in graphs.items()}
-        if req.validate:
-            device = resolve_device(req.reference_device)
-            for flavor in graphs:
-                if not runnable_here(flavor):
-                    validation["not_run"][flavor] = why_not_here(flavor)
-                    continue
-                progress("validate", f"{flavor} at {precision} against the {device} reference (drift: fp64)")
-                result = validate_flavor(tmp, manifest, model, flavor, req.steps, req.long_steps, req.prompts,
-                                         device, req.threads, req.heldout)
-                (tmp / "validation").mkdir(exist_ok=True)
-                write_report(result.compare, tmp / "validation" / f"{flavor}.json")
-                plot_drift(result.compare, tmp / "validation" / f"{flavor}_drift.png")
-                validation["ran"][flavor] = {**result.to_dict(), "reference": device}
-                if not result:
-                    raise ValidationFailedError(f"{flavor} graphs fail validation: {result.summary()}; nothing was written")
-        validation["summary"] = "; ".join(f"{f}: {v['summary']}" for f, v in validation["ran"].items()) or "not run"
-        manifest["validation"] = validation
-        progress("bundle", str(req.output))
-        (tmp / "README.md").write_text(device_readme(manifest))
-        manifest = write_manifest(tmp, manifest)
+    for flavor, kinds in graphs.items():
+        for kind, proto in kinds.items():
+            write_graph(tmp / flavor / f"{kind}.onnx", proto)
+    if req.embed_reference:
+        (tmp / "reference").mkdir()
+        Native.write(model, tmp / "reference", {"source": manifest["model_name"], "width": manifest["width"]})
+        manifest["reference"] = {**manifest["reference"], "embedded": "reference"}
+    validation = {"ran": {}, "not_run": {}}
+    manifest["graphs"] = {f: {k: f"{f}/{k}.onnx" for k in kinds} for f, kinds in graphs.items()}
+    if req.validate:
+        device = resolve_device(req.reference_device)
+        for flavor in graphs:
+            if not runnable_here(flavor):
+                validation["not_run"][flavor] = why_not_here(flavor)
+                continue
+            progress("validate", f"{flavor} at {precision} against the {device} reference (drift: fp64)")
+            result = validate_flavor(tmp, manifest, model, flavor, req.steps, req.long_steps, req.prompts,
+                                     device, req.threads, req.heldout)
+            (tmp / "validation").mkdir(exist_ok=True)
+            write_report(result.compare, tmp / "validation" / f"{flavor}.json")
+            plot_drift(result.compare, tmp / "validation" / f"{flavor}_drift.png")
+            validation["ran"][flavor] = {**result.to_dict(), "reference": device}
+            if not result:
+                raise ValidationFailedError(f"{flavor} graphs fail validation: {result.summary()}; nothing was written")
+    validation["summary"] = "; ".join(f"{f}: {v['summary']}" for f, v in validation["ran"].items()) or "not run"
+    manifest["validation"] = validation
+    progress("bundle", str(req.output))
+    (tmp / "README.md").write_text(device_readme(manifest))
+    manifest = write_manifest(tmp, manifest)
     return manifest
 
 
@@ -196,6 +214,13 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
     The graphs are rebuilt from the reference (checked against the source's weights
     digest) without the fp32 graphs' blocked sums, then quantized."""
     manifest = read_manifest(source)
+    with bundle_dir(output, overwrite) as tmp:
+        return _quantize(source, manifest, precision, output, tmp, overwrite, block_size, validate, steps, long_steps,
+                         threads, device, reference, progress)  # fmt: skip
+
+
+def _quantize(source, manifest, precision, output, tmp, overwrite, block_size, validate, steps, long_steps, threads,
+              device, reference, progress) -> dict[str, Any]:  # fmt: skip
     if manifest["precision"] != "fp32":
         raise EdgeseqError(f"{source} holds {manifest['precision']} graphs; quantize the fp32 bundle it came from")
     target = get_target(manifest["target"]["name"])
@@ -211,4 +236,4 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
     new["reference"] = {k: v for k, v in manifest["reference"].items() if k != "embedded"}
     req = ExportRequest(None, target.name, None, output, steps=steps, long_steps=long_steps, validate=validate,
                         overwrite=overwrite, threads=threads, embed_reference="embedded" in manifest["reference"])
-    return write_bundle(req, model, graphs, new, progress)
+    return write_bundle(tmp, req, model, graphs, new, progress)

@@ -172,6 +172,8 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
         )  # fmt: skip
         if heldout is None:
             return FlavorValidation(result, heldout_skipped="not asked")
+        if not result:  # the verdict is already no; the gate would only cost time
+            return FlavorValidation(result, heldout_skipped="the comparison failed")
         if model.config.vocab_size <= PAD:
             return FlavorValidation(result, heldout_skipped="the model's vocabulary is not bytes")
         streams, tokens = heldout

@@ -71,7 +71,7 @@ def test_every_flavor_builds_and_the_ort_flavors_need_no_plugins(flavor):
         assert not custom, custom
         ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])  # no op library loaded
     else:
-        assert custom  # plugin nodes: onnxruntime runs them only through ort_plugins
+        assert custom  # plugin nodes: onnxruntime runs them only as custom ops (the onnxruntime-plugins runtime)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

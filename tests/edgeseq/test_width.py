@@ -59,3 +59,26 @@ def test_bad_widths(spec, words):
     with pytest.raises(WidthError) as err:
         resolve(small_config(), spec)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_snapped_width_is_shown_as_what_it_keeps():
+    from edgeseq.width import exact_width
+
+    config = small_config("M M", mamba=Mamba2Params(d_state=8, headdim=4, ngroups=1, expand=3))  # 24 heads
+    assert exact_width(config, WidthSpec.parse("0.3")) == "7/24 = 0.2917"
+    assert exact_width(config, WidthSpec.parse("1/3")) == "1/3 = 0.3333"
+    assert exact_width(config, WidthSpec.parse("0.5")) == "0.5"
+    assert WidthSpec.parse("7/24").fractions[0] * 24 == pytest.approx(7)  # the label parses back
+
+
+def test_untrained_widths_warn_with_the_nearest_trained_ones():
+    from edgeseq.width import untrained_warning
+
+    config = small_config()  # trained at 1, 1/2, 1/4; 16 mamba2 heads in 2 groups, 4 kv heads, MLP 48
+    assert untrained_warning(config, WidthSpec.parse("0.5")) is None
+    assert untrained_warning(config, WidthSpec.parse("1,0.5,0.25,1,0.5")) is None  # Mix'n'Match of trained widths
+    warning = untrained_warning(config, WidthSpec.parse("0.75"))
+    assert warning is not None and "0.5 and 1" in warning and "edgeseq eval" in warning and "\n" not in warning
+    assert "some layers" in untrained_warning(config, WidthSpec.parse("1,0.75,0.25,1,0.5"))
+    once = config.replace(nested_widths=(1.0,))
+    assert "not trained nested" in untrained_warning(once, WidthSpec.parse("0.5"))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeseq.errors import ConfigError
 from edgeseq.kinds.mamba2 import ssd_graph
 
 
@@ -80,6 +81,8 @@ def mamba2(g, flavor, config, heads: int, w: dict[str, np.ndarray], p: str, x: s
         D=w["D"],
         dt_limit=m.dt_limit,
     )
+    if flavor.name not in CORES:
+        raise ConfigError(f"the mamba2 layer has no {flavor.name!r} graph piece; use one of {sorted(CORES)}")
     core = CORES[flavor.name]
     y, present = core.mixer_core(g, flavor, SSMDims(H, G, P, N, m.chunk_size), weights, xBC, dt, past, rank)
     y = gated_norm(g, g.op("Reshape", y, g.ints(*lead(rank), di)), z, g.vector(w, p, "norm.weight"), G, di,
