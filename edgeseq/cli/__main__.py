@@ -1,5 +1,5 @@
 """python -m edgeseq.cli"""
 
-from edgeseq.cli import main
+from edgeseq.cli import run
 
-main()
+run()

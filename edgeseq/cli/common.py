@@ -43,10 +43,13 @@ class EdgeseqGroup(click.Group):
             click.echo(f"error: {message}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
+            if main_thread:  # one interrupt is enough: a second must not cut the cleanup short
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             click.echo("interrupted; nothing was written", err=True)
             ctx.exit(INTERRUPTED)
         finally:
-            if main_thread:
+            if main_thread and signal.getsignal(signal.SIGTERM) is _interrupt:
                 signal.signal(signal.SIGTERM, previous)
 
 
