@@ -26,7 +26,6 @@ either. A kind's torch module and graph code are imported when first asked for.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -190,7 +189,3 @@ def whole(x: float, what: str) -> int:
     if abs(x - n) > 1e-6 or n < 1:
         raise ConfigError(f"{what} must be a whole number ≥ 1 (got {x:g}); adjust the config")
     return n
-
-
-def count(shapes: Mapping[str, tuple[int, ...]]) -> int:
-    return sum(math.prod(s) for s in shapes.values())
