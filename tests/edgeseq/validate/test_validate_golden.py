@@ -76,10 +76,11 @@ def test_candidate_against_golden(tmp_path, seed):
     assert compare_golden(ToyRunner(seed), path)
     bad = compare_golden(ToyRunner(seed, logit_offset=1e-3), path)
     assert not bad and {(f.phase, f.metric) for f in bad.failures} == {("prefill", "max_abs_logit"), ("decode", "max_abs_logit")}
-    # own state fed back accumulates the error; the recorded state isolates one step's
+    # own state fed back accumulates the error; the recorded state isolates one step's. The
+    # ratio over 300 seeds: median 6.0, 1st percentile 1.9, least 1.35; ignoring feed_back gives 1
     drifting = {fb: compare_golden(ToyRunner(seed, a_scale=1.01), path, tolerance="int4", feed_back=fb) for fb in (True, False)}
     own, recorded = (drifting[fb].phases["decode"].outputs["logits"].max_abs for fb in (True, False))
-    assert own > 2 * recorded > 0
+    assert own > 1.2 * recorded > 0, (seed, own, recorded)
 
 
 def test_golden_path_never_imports_torch(tmp_path):
