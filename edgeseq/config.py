@@ -114,10 +114,7 @@ class ModelConfig:
                  sections: tuple[tuple[str, Any], ...] = (), **by_name: Any):  # fmt: skip
         """Kind sections are keyword arguments by section name (``mamba=Mamba2Params(...)``)."""
         merged = dict(sections) | by_name
-        unknown = sorted(k for k in merged if by_section(k) is None)
-        if unknown:
-            known = sorted(k.section for k in KINDS.values() if k.section)
-            raise ConfigError(f"config has unknown keys {unknown}; known keys are {sorted([*TOP_LEVEL, *known])}")
+        _check_sections(merged)
         values = dict(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size, layers=tuple(layers),
                       tie_embeddings=tie_embeddings, norm_eps=norm_eps, nested_widths=tuple(nested_widths),
                       nested_kinds=None if nested_kinds is None else tuple(nested_kinds))  # fmt: skip
@@ -188,13 +185,9 @@ class ModelConfig:
         if not isinstance(layers, list):
             raise ConfigError("config.layers must be a list of layer specs, one per layer")
         specs = tuple(LayerSpec.from_dict(layer, f"config.layers[{j}]") for j, layer in enumerate(layers))
-        sections = {}
-        for key in [k for k in d if k not in TOP_LEVEL]:
-            kind = by_section(key)
-            if kind is None:
-                known = sorted([*TOP_LEVEL, *(k.section for k in KINDS.values() if k.section)])
-                raise ConfigError(f"config has unknown keys {[key]}; known keys are {known}")
-            sections[key] = kind.parse_section(d.pop(key))
+        keys = [k for k in d if k not in TOP_LEVEL]
+        _check_sections(keys)
+        sections = {key: by_section(key).parse_section(d.pop(key)) for key in keys}
         if "nested_widths" in d:
             d["nested_widths"] = tuple(d["nested_widths"])
         else:
@@ -249,6 +242,13 @@ class ModelConfig:
 
 
 # ---- validation ------------------------------------------------------------------------
+def _check_sections(keys) -> None:
+    unknown = sorted(k for k in keys if by_section(k) is None)
+    if unknown:
+        known = sorted([*TOP_LEVEL, *(k.section for k in KINDS.values() if k.section)])
+        raise ConfigError(f"config has unknown keys {unknown}; known keys are {known}")
+
+
 def _validate(c: ModelConfig) -> None:
     for name in ("d_model", "n_layer", "vocab_size"):
         positive(f"config.{name}", getattr(c, name))

@@ -86,8 +86,8 @@ def footprint(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> Footprint:
     if not config.tie_embeddings:  # an untied head is a projection like any other
         widest = vocab
     for i, (spec, w) in enumerate(zip(config.layers, widths)):
-        other += d * ((1 if spec.mixers else 0) + (1 if spec.mlp else 0))  # the block's pre-norms
-        params += d * ((1 if spec.mixers else 0) + (1 if spec.mlp else 0))
+        norms = d * (bool(spec.mixers) + bool(spec.mlp))  # the block's pre-norms
+        other, params = other + norms, params + norms
         for part in spec.parts:
             kind = get_kind(part)
             matrices = kind.matrices(config, i)

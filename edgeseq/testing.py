@@ -82,20 +82,15 @@ def assert_bundle_parity(
     """``assert_parity`` on a bundle: ``load_runners(bundle_dir)`` returns (reference
     runner, candidate runner, io, precision), by default ``edgeseq.deploy.validation.load_runners``.
     Runners that are context managers are activated here and deactivated after."""
-    load = load_runners or _bundle_loader()
-    reference, candidate, io, precision = load(Path(bundle_dir))
+    if load_runners is None:
+        from edgeseq.deploy.validation import load_runners
+    reference, candidate, io, precision = load_runners(Path(bundle_dir))
     with contextlib.ExitStack() as stack:
         reference, candidate = _enter(stack, reference), _enter(stack, candidate)
         return assert_parity(
             reference, candidate, io, precision, steps=steps, long_steps=long_steps, prompts=prompts,
             seed=seed, report=report, plot=plot,
         )  # fmt: skip
-
-
-def _bundle_loader() -> LoadRunners:
-    from edgeseq.deploy.validation import load_runners
-
-    return load_runners
 
 
 def _enter(stack: contextlib.ExitStack, runner: Runner) -> Runner:

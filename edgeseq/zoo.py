@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from edgeseq.config import ModelConfig
-from edgeseq.kinds.attention import AttentionParams
-from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.errors import CheckpointError
 from edgeseq.families import load_checkpoint
+from edgeseq.kinds.attention import AttentionParams
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.model import NestedLM
 
 DEFAULT_MODEL = "mamba2-tiny"

@@ -25,7 +25,6 @@ these nodes without TensorRT (``edgeseq.runtimes.plugin_ops``).
 import math
 from dataclasses import dataclass
 
-
 NAMESPACE, VERSION, DOMAIN = "edgeseq", "1", "edgeseq.trt"
 MIN_TENSORRT = (10, 9)
 

@@ -13,9 +13,8 @@ shapes and integer tensors are the graph's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 

@@ -21,10 +21,10 @@ import onnxruntime as ort
 import torch
 
 from edgeseq.config import ModelConfig
-from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.export.graphs import build_graph
 from edgeseq.export.spec import graph_io
 from edgeseq.extract import extract
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.model import NestedLM
 from edgeseq.zoo import load_model
 

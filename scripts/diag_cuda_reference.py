@@ -12,8 +12,8 @@ import argparse
 import numpy as np
 import torch
 
-from edgeseq.extract import extract
 from edgeseq.deploy.validation import stream_start
+from edgeseq.extract import extract
 from edgeseq.width import WidthSpec
 from edgeseq.zoo import load_model
 

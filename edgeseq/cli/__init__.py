@@ -15,9 +15,10 @@ __all__ = ["main", "run"]
 def run() -> None:
     """The ``edgeseq`` executable: ``main``, leaving with exit code 130 after an interrupt.
 
-    An interrupt that lands while a C extension runs Python code (pybind11's eval) marks the
-    interpreter as killed by SIGINT even once the command has handled it and cleaned up, and
-    CPython then re-raises SIGINT at exit (code -2). So an interrupted run leaves directly."""
+    Under full-suite load an export interrupted and cleaned up here still ended with -2 (CPython
+    re-raising SIGINT at exit, as it does after a KeyboardInterrupt it counts as unhandled; the
+    likely trigger is the interrupt landing inside a C extension's call into Python, not
+    confirmed). So an interrupted run leaves directly, after flushing its output."""
     try:
         main()
     except KeyboardInterrupt:  # one before a command started

@@ -40,9 +40,9 @@ def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: 
     if runtime == "torch":
         import torch
 
+        from edgeseq.deploy.validation import reference_model
         from edgeseq.runtimes.session import StreamingSession
         from edgeseq.runtimes.torch_runner import TorchRunner
-        from edgeseq.deploy.validation import reference_model
 
         torch.set_num_threads(threads)
         model, _ = reference_model(Path(bundle), read_manifest(bundle, verify=False), "cpu")

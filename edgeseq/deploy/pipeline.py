@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from edgeseq.atomic import atomic_dir
 from edgeseq.deploy.bundle import device_readme, not_a_bundle, read_manifest, write_graph, write_manifest
 from edgeseq.deploy.runtimes import runnable_here, why_not_here
@@ -214,26 +213,20 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
     The graphs are rebuilt from the reference (checked against the source's weights
     digest) without the fp32 graphs' blocked sums, then quantized."""
     manifest = read_manifest(source)
-    with bundle_dir(output, overwrite) as tmp:
-        return _quantize(source, manifest, precision, output, tmp, overwrite, block_size, validate, steps, long_steps,
-                         threads, device, reference, progress)  # fmt: skip
-
-
-def _quantize(source, manifest, precision, output, tmp, overwrite, block_size, validate, steps, long_steps, threads,
-              device, reference, progress) -> dict[str, Any]:  # fmt: skip
     if manifest["precision"] != "fp32":
         raise EdgeseqError(f"{source} holds {manifest['precision']} graphs; quantize the fp32 bundle it came from")
     target = get_target(manifest["target"]["name"])
     _check_supported(target, precision)
-    options = quant_options(target, precision, block_size)
-    model, device = reference_model(source, manifest, device, reference)
-    graphs = {}
-    for flavor in manifest["flavors"]:  # rebuilt from the reference: the fp32 graphs' blocked sums hide the matrices
-        progress("quantize", f"{flavor}: {options.describe()}")
-        graphs[flavor] = {kind: quantize_graph(build_graph(model, kind, flavor), options) for kind in ("step", "prefill")}
-    new = {k: v for k, v in manifest.items() if k not in ("files", "schema_version", "validation", "graphs")}
-    new |= {"precision": precision, "quantization": options.describe(), "quantized_from": str(source)}
-    new["reference"] = {k: v for k, v in manifest["reference"].items() if k != "embedded"}
-    req = ExportRequest(None, target.name, None, output, steps=steps, long_steps=long_steps, validate=validate,
-                        overwrite=overwrite, threads=threads, embed_reference="embedded" in manifest["reference"])
-    return write_bundle(tmp, req, model, graphs, new, progress)
+    with bundle_dir(output, overwrite) as tmp:
+        options = quant_options(target, precision, block_size)
+        model, device = reference_model(source, manifest, device, reference)
+        graphs = {}
+        for flavor in manifest["flavors"]:  # rebuilt from the reference: the fp32 graphs' blocked sums hide the matrices
+            progress("quantize", f"{flavor}: {options.describe()}")
+            graphs[flavor] = {kind: quantize_graph(build_graph(model, kind, flavor), options) for kind in ("step", "prefill")}
+        new = {k: v for k, v in manifest.items() if k not in ("files", "schema_version", "validation", "graphs")}
+        new |= {"precision": precision, "quantization": options.describe(), "quantized_from": str(source)}
+        new["reference"] = {k: v for k, v in manifest["reference"].items() if k != "embedded"}
+        req = ExportRequest(None, target.name, None, output, steps=steps, long_steps=long_steps, validate=validate,
+                            overwrite=overwrite, threads=threads, embed_reference="embedded" in manifest["reference"])
+        return write_bundle(tmp, req, model, graphs, new, progress)

@@ -44,11 +44,6 @@ def heldout_prompts(count: int, vocab_size: int = 264, seed: int = 0) -> list[np
     return [sample[s : s + n][None, :].astype(np.int64) for s, n in zip(starts, lengths)]
 
 
-def stream_limit(config) -> int | None:
-    """Longest stream a model takes: a global attention cache holds max_context tokens."""
-    return config.stream_limit()
-
-
 def stream_start(config, length: int = 64) -> np.ndarray | None:
     """Held-out text the decode streams start from (then they go on greedily), so that
     quantized graphs are judged in distribution; None (a random token) for other vocabularies."""
@@ -61,7 +56,7 @@ def stream_start(config, length: int = 64) -> np.ndarray | None:
 
 
 def validation_prompts(config, count: int) -> list[np.ndarray]:
-    limit = stream_limit(config)
+    limit = config.stream_limit()
     return [p[:, :limit] for p in heldout_prompts(count, config.vocab_size)]
 
 
@@ -148,27 +143,26 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
 
     precision = manifest["precision"]
     step_io, prefill_io = (GraphIO.from_dict(manifest["io"][k]) for k in ("step", "prefill"))
-    limit = stream_limit(model.config)
+    limit = model.config.stream_limit()
     if limit is not None:
         steps, long_steps = min(steps, limit), min(long_steps, limit)
-    placement = Placement(Placement.of_target(manifest.get("target", {})).providers, threads)
-    runners = [
+    placement = Placement.of_target(manifest.get("target", {}), threads or 0)  # this machine's threads
+    ref_step, cand_step, ref_pre, cand_pre = (
         TorchRunner(model, "step", device=device),
         open_runner(bundle, manifest, flavor, "step", placement),
         TorchRunner(model, "prefill", device=device),
         open_runner(bundle, manifest, flavor, "prefill", placement),
-    ]
-    if oracle and long_steps:
-        runners.append(_oracle_runner(model))
+    )
+    fp64 = _oracle_runner(model) if oracle and long_steps else None
+    runners = [r for r in (ref_step, cand_step, ref_pre, cand_pre, fp64) if r is not None]
     for r in runners:
         r.activate()
     try:
-        ref_step, cand_step, ref_pre, cand_pre, *rest = runners
         result = compare(
             ref_step, cand_step, step_io, tolerance=precision,
             prompts=validation_prompts(model.config, prompts), tokens=stream_start(model.config),
             steps=steps, long_steps=long_steps, prefill=(ref_pre, cand_pre, prefill_io),
-            reference_device=f"{device}:{device_name(device)}", **({"oracle": rest[0]} if rest else {}),
+            reference_device=f"{device}:{device_name(device)}", oracle=fp64,
         )  # fmt: skip
         if heldout is None:
             return FlavorValidation(result, heldout_skipped="not asked")
@@ -215,7 +209,7 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
     outcome = {"bundle": str(bundle), "precision": precision, "flavors": {}, "not_run": {}, "passed": True}
     runnable = [f for f in flavors if runnable_here(f)]
     outcome["not_run"] = {f: why_not_here(f) for f in flavors if not runnable_here(f)}
-    placement = Placement(Placement.of_target(manifest.get("target", {})).providers, None)
+    placement = Placement.of_target(manifest.get("target", {}), 0)  # all of this machine's cores
     if golden:
         from edgeseq.validate import compare_golden
 
@@ -236,7 +230,7 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
 
         with TorchRunner(model, "step", device=device) as ref:
             g = record_golden(ref, graph_io(model.config, "step"), prompts=validation_prompts(model.config, 4),
-                              steps=min(steps, stream_limit(model.config) or steps),
+                              steps=min(steps, model.config.stream_limit() or steps),
                               info={"bundle": str(bundle), "device": device})  # fmt: skip
         write_golden(save_golden, g, overwrite=True)
         outcome["golden"] = str(save_golden)

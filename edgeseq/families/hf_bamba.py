@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from edgeseq.config import LayerSpec, ModelConfig
-from edgeseq.kinds.attention import ATTENTION, AttentionParams
-from edgeseq.kinds.mamba2 import MAMBA2, Mamba2Params
 from edgeseq.errors import CheckpointError
 from edgeseq.families.base import Family, lookup, read_json, register
 from edgeseq.families.hf_mamba2 import (
@@ -43,6 +41,8 @@ from edgeseq.families.hf_mamba2 import (
     renamed,
     shard_files,
 )
+from edgeseq.kinds.attention import ATTENTION, AttentionParams
+from edgeseq.kinds.mamba2 import MAMBA2, Mamba2Params
 
 MAX_CONTEXT = 4096  # cap on the global-attention decode ring; see the module docstring
 

@@ -36,9 +36,9 @@ import torch
 from safetensors.torch import save_file
 
 from edgeseq.config import LayerSpec, ModelConfig
-from edgeseq.kinds.mamba2 import MAMBA2, Mamba2Params
 from edgeseq.errors import CheckpointError
 from edgeseq.families.base import Family, lookup, peek_json, read_json, read_safetensors, register
+from edgeseq.kinds.mamba2 import MAMBA2, Mamba2Params
 from edgeseq.model import NestedLM
 
 Rules = tuple[tuple[re.Pattern[str], str], ...]

@@ -39,11 +39,11 @@ import torch
 from torch import Tensor
 
 from edgeseq.config import LayerSpec, ModelConfig
+from edgeseq.errors import CheckpointError
+from edgeseq.families.base import Family, lookup, peek_json, read_json, read_safetensors, register
 from edgeseq.kinds import get_kind
 from edgeseq.kinds.attention import ATTENTION, AttentionParams
 from edgeseq.kinds.mamba2 import MAMBA2, Mamba2Params
-from edgeseq.errors import CheckpointError
-from edgeseq.families.base import Family, lookup, peek_json, read_json, read_safetensors, register
 
 NATIVE_TAG = "edgeseq"  # native config.json carries {"format": "edgeseq"}
 MATMAMBA_WIDTHS = (1.0, 0.5, 0.25, 0.125)  # MatMamba's trained mrl levels 1, 2, 4, 8

@@ -25,9 +25,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from edgeseq.atomic import atomic_file
 from edgeseq.errors import EdgeseqError
 from edgeseq.export.spec import GraphIO, Tolerance
-from edgeseq.atomic import atomic_file
 from edgeseq.validate.compare import (
     DECODE_STEPS,
     Record,

@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgeseq.errors import EdgeseqError
 from edgeseq.atomic import atomic_file
+from edgeseq.errors import EdgeseqError
 from edgeseq.validate.results import CompareResult
 
 REPORT_FORMAT = "edgeseq.validate.report/1"

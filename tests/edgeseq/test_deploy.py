@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgeseq.deploy.bundle import BundleError, read_manifest
 from edgeseq.cli import main
+from edgeseq.deploy.bundle import BundleError, read_manifest
 from edgeseq.families import save_checkpoint
 from edgeseq.testing import assert_bundle_parity
 from tests.conftest import random_model, small_config

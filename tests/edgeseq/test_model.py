@@ -7,10 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeseq.config import LayerSpec, ModelConfig
-from edgeseq.kinds.attention import AttentionParams
-from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.errors import ConfigError
 from edgeseq.extract import extract
+from edgeseq.kinds.attention import AttentionParams
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.state import ModelState
 from edgeseq.width import WidthSpec, resolve
 from tests.conftest import random_model, small_config

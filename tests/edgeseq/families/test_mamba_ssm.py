@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from edgeseq.config import ModelConfig
-from edgeseq.kinds.attention import AttentionParams
-from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.errors import CheckpointError
 from edgeseq.families import detect_family, load_checkpoint
 from edgeseq.families.mamba_ssm import MambaSsm
+from edgeseq.kinds.attention import AttentionParams
+from edgeseq.kinds.mamba2 import Mamba2Params
 from tests.conftest import random_model
 
 ATTN = [1, 3]  # attention layers of the hybrid below
