@@ -42,3 +42,12 @@ class UnknownFormatError(CheckpointError):
 
 class RuntimeUnavailableError(EdgeseqError):
     """A runtime backend (TensorRT, a CUDA device) is not installed or not reachable."""
+
+
+class UsageError(EdgeseqError, ValueError):
+    """A Python API was called with arguments it cannot use (a ``ValueError`` too, for
+    callers that catch those)."""
+
+
+class BackendError(EdgeseqError, RuntimeError):
+    """A compiled kernel or driver call failed on the device."""

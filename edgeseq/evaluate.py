@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgeseq.errors import UsageError
 from edgeseq.model import NestedLM
 
 
@@ -26,7 +27,7 @@ def bits_per_byte(
     device = device or model.embedding.weight.device
     per = (len(tokens) - 1) // segments
     if per < 1:
-        raise ValueError(f"{len(tokens)} tokens are too few for {segments} segments")
+        raise UsageError(f"{len(tokens)} tokens are too few for {segments} segments")
     starts = np.arange(segments) * per
     idx = starts[:, None] + np.arange(per + 1)[None, :]
     stream = torch.from_numpy(tokens[idx]).to(device)  # (segments, per + 1)

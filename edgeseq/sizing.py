@@ -16,6 +16,9 @@ does to which tensor):
     everything else                     fp32 (conv kernels, A, D, dt bias, norms, biases)
 
 A tied head is stored once more, transposed, as the head matrix.
+
+``Footprint.layer_matrices`` keeps the (in, out) shape of every layer's projection, which
+is what a prefill's working memory scales with (``targets.plan.peak_memory``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,13 @@ class Footprint:
     embedding: int  # the Gather table
     other: int  # 1-D and conv parameters, always fp32
     d_model: int
-    widest_output: int  # the largest projection output per token (in_proj's)
+    layer_matrices: tuple[tuple[tuple[int, int], ...], ...] = ()  # per layer, each projection's (in, out)
+
+    @property
+    def layer_columns(self) -> int:
+        """The most projection outputs one layer computes per token (its matrices' ``out``
+        summed; the head, which a prefill applies to the last token only, not counted)."""
+        return max((sum(out for _, out in layer) for layer in self.layer_matrices), default=0)
 
     @property
     def flops_per_token(self) -> int:
@@ -54,12 +63,19 @@ class Footprint:
 
     def weight_bytes(self, precision: str) -> int:
         """Bytes of the weights one graph stores."""
-        return _matrix_bytes(self.matrix, self.matrix_columns, precision) + _table_bytes(self.embedding, precision) \
+        return (
+            _matrix_bytes(self.matrix, self.matrix_columns, precision)
+            + _table_bytes(self.embedding, precision)
             + 4 * self.other
+        )
 
     def bytes_read_per_token(self, precision: str) -> int:
         """Weights a decode step reads: all but the embedding table, of which one row."""
-        return self.weight_bytes(precision) - _table_bytes(self.embedding, precision) + _table_bytes(self.d_model, precision)
+        return (
+            self.weight_bytes(precision)
+            - _table_bytes(self.embedding, precision)
+            + _table_bytes(self.d_model, precision)
+        )
 
 
 def _matrix_bytes(count: int, columns: int, precision: str) -> int:
@@ -81,13 +97,13 @@ def footprint(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> Footprint:
     """Counted from the kinds' parameter shapes at ``widths``."""
     d, vocab = config.d_model, config.vocab_size
     embedding = vocab * d
-    matrix, columns, other, widest = vocab * d, vocab, d, 0  # the head ([d, vocab] as a MatMul) and norm_f
+    matrix, columns, other = vocab * d, vocab, d  # the head ([d, vocab] as a MatMul) and norm_f
     params = embedding + d + (0 if config.tie_embeddings else vocab * d)
-    if not config.tie_embeddings:  # an untied head is a projection like any other
-        widest = vocab
+    layers = []
     for i, (spec, w) in enumerate(zip(config.layers, widths)):
         norms = d * (bool(spec.mixers) + bool(spec.mlp))  # the block's pre-norms
         other, params = other + norms, params + norms
+        shapes = []
         for part in spec.parts:
             kind = get_kind(part)
             matrices = kind.matrices(config, i)
@@ -96,10 +112,12 @@ def footprint(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> Footprint:
                 params += n
                 if name in matrices:
                     out = n // shape[-1]  # stored [out, in] like nn.Linear (3-D experts: [e, out, in])
-                    matrix, columns, widest = matrix + n, columns + out, max(widest, shape[-2] if len(shape) > 1 else 0)
+                    matrix, columns = matrix + n, columns + out
+                    shapes.append((shape[-1], out))
                 else:
                     other += n
-    return Footprint(params, matrix, columns, embedding, other, d, widest)
+        layers.append(tuple(shapes))
+    return Footprint(params, matrix, columns, embedding, other, d, tuple(layers))
 
 
 def state_bytes(config: ModelConfig, widths: tuple[LayerWidth, ...], dtype: Any = "float32") -> int:

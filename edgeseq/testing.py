@@ -6,13 +6,14 @@
         assert_bundle_parity("out/mamba2-tiny-fp16", report="out/parity.json")
 
 Each raises ``AssertionError`` whose message lists every failure in one line each, and
-returns the ``CompareResult`` when parity holds. Built on ``edgeseq.validate``.
+returns the result when parity holds. ``assert_bundle_parity`` runs exactly what
+``edgeseq validate BUNDLE`` runs; ``assert_parity`` compares any two runners you built.
+Built on ``edgeseq.validate``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,6 @@ from edgeseq.validate.compare import DECODE_STEPS, LONG_STEPS, Runner, compare
 from edgeseq.validate.golden import Golden, compare_golden
 from edgeseq.validate.report import plot_drift, write_report
 from edgeseq.validate.results import CompareResult
-
-LoadRunners = Callable[[Path], tuple[Runner, Runner, GraphIO, str]]
 
 
 def assert_parity(
@@ -59,11 +58,10 @@ def assert_golden_parity(
     golden: Golden | str | Path,
     precision: str | Tolerance = "fp32",
     *,
-    feed_back: bool = True,
     report: str | Path | None = None,
 ) -> CompareResult:
     """Compare a candidate with a golden file, without torch."""
-    result = compare_golden(candidate_runner, golden, tolerance=precision, feed_back=feed_back)
+    result = compare_golden(candidate_runner, golden, tolerance=precision)
     _record_and_judge(result, report, None)
     return result
 
@@ -71,33 +69,31 @@ def assert_golden_parity(
 def assert_bundle_parity(
     bundle_dir: str | Path,
     *,
-    load_runners: LoadRunners | None = None,
+    flavor: str | None = None,
     steps: int = DECODE_STEPS,
     long_steps: int = LONG_STEPS,
-    prompts: Sequence[np.ndarray] | None = None,
-    seed: int = 0,
+    heldout: tuple[int, int] | None = (16, 512),
+    device: str = "auto",
     report: str | Path | None = None,
     plot: str | Path | None = None,
-) -> CompareResult:
-    """``assert_parity`` on a bundle: ``load_runners(bundle_dir)`` returns (reference
-    runner, candidate runner, io, precision), by default ``edgeseq.deploy.validation.load_runners``.
-    Runners that are context managers are activated here and deactivated after."""
-    if load_runners is None:
-        from edgeseq.deploy.validation import load_runners
-    reference, candidate, io, precision = load_runners(Path(bundle_dir))
-    with contextlib.ExitStack() as stack:
-        reference, candidate = _enter(stack, reference), _enter(stack, candidate)
-        return assert_parity(
-            reference, candidate, io, precision, steps=steps, long_steps=long_steps, prompts=prompts,
-            seed=seed, report=report, plot=plot,
-        )  # fmt: skip
+) -> dict:
+    """What ``edgeseq validate BUNDLE`` checks, as an assertion: every flavor that runs
+    here (or ``flavor``), its step and prefill graphs, against the PyTorch reference
+    rebuilt from the source model (``edgeseq.deploy.validation.run_validation``), with the
+    held-out gate (``heldout`` = streams x tokens; None skips it). ``report`` and ``plot``
+    receive one file per flavor (prefixed with its name when there are several). Returns
+    the outcome ``edgeseq validate --json`` prints; a bundle none of whose flavors runs
+    here fails too."""
+    from edgeseq.deploy.validation import run_validation
 
-
-def _enter(stack: contextlib.ExitStack, runner: Runner) -> Runner:
-    if not hasattr(runner, "__enter__"):
-        return runner
-    entered = stack.enter_context(runner)  # type: ignore[arg-type]
-    return runner if entered is None else entered
+    outcome = run_validation(bundle_dir, flavor, steps, long_steps, device, report, plot, None, None, heldout=heldout)
+    lines = [f"{name}: {entry['summary']}" for name, entry in outcome["flavors"].items() if not entry["passed"]]
+    if not outcome["flavors"]:
+        lines.append(f"no flavor of {bundle_dir} runs here: {outcome['not_run']}")
+    if lines:
+        where = f"\nreport: {report}" if report is not None else ""
+        raise AssertionError(f"FAIL: {bundle_dir} at {outcome['precision']}\n" + "\n".join(lines) + where)
+    return outcome
 
 
 def _record_and_judge(result: CompareResult, report: str | Path | None, plot: str | Path | None) -> None:
@@ -108,3 +104,45 @@ def _record_and_judge(result: CompareResult, report: str | Path | None, plot: st
     if not result:
         where = f"\nreport: {report}" if report is not None else ""
         raise AssertionError(result.summary() + where)
+
+
+def damage_graph(bundle_dir: str | Path, flavor: str, kind: str, seed: int | None = None,
+                 weight: str | None = None) -> str:  # fmt: skip
+    """Damage one weight of a bundle's graph in place, as a buggy exporter would, and
+    re-sign the manifest so that only validation can notice: the rows of one weight
+    initializer (at least 2-D, any dtype: float, int8, packed int4) are shuffled, e.g. a
+    wrong layout. ``weight`` names it, else one is drawn from ``seed``. Returns its name.
+    For proving, in a CI, that validation fails on a damaged bundle."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeseq.deploy.bundle import graph_path, read_manifest, write_graph, write_manifest
+
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    path = graph_path(root, manifest, flavor, kind)
+    proto = onnx.load(str(path))
+    weights = damageable_weights(proto)
+    rng = np.random.default_rng(seed)
+    init = weights[weight] if weight is not None else weights[sorted(weights)[rng.integers(len(weights))]]
+    array = numpy_helper.to_array(init)
+    order = rng.permutation(array.shape[0])
+    while (order == np.arange(array.shape[0])).all():
+        order = rng.permutation(array.shape[0])
+    init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array[order]), init.name))
+    write_graph(path, proto)
+    write_manifest(root, {k: v for k, v in manifest.items() if k != "files"})
+    return init.name
+
+
+def damageable_weights(proto) -> dict:
+    """The initializers ``damage_graph`` may damage: weights, i.e. float, int8 or packed
+    int4 tensors of at least 2-D with at least two rows and 64 values (matrices,
+    embeddings, convolution kernels, quantized blocks); not boolean masks or index
+    constants, which are the graph's structure rather than the model's weights."""
+    from onnx import TensorProto
+
+    kinds = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE,
+             TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4}  # fmt: skip
+    return {t.name: t for t in proto.graph.initializer
+            if t.data_type in kinds and len(t.dims) >= 2 and t.dims[0] >= 2 and int(np.prod(t.dims)) >= 64}  # fmt: skip

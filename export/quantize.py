@@ -9,13 +9,21 @@
           presets of ``edgeseq.choices.INT8_PRESETS``; for TensorRT targets, weight-only
           int8 through DequantizeLinear nodes (TensorRT's parser reads Q/DQ; its builder
           picks the kernels).
-    int4  onnxruntime's MatMulNBitsQuantizer: block-wise symmetric int4 weights
-          (MatMulNBits; the embedding table as GatherBlockQuantized), block size configurable.
+    int4  block-wise symmetric int4 weights (block size configurable), in one of two forms
+          (``int4_form``), each at opset 21, the first with int4 tensors:
+          MatMulNBits  onnxruntime's MatMulNBitsQuantizer and its ``com.microsoft`` contrib
+                       ops: MatMulNBits, the embedding table as GatherBlockQuantized
+                       (onnxruntime targets);
+          QDQ          standard ops only, for runtimes without the contrib ops (TensorRT):
+                       int4 weights behind a block-wise DequantizeLinear feeding a MatMul,
+                       scale = max|W| / 7 per block as NVIDIA's ModelOpt makes it (the same
+                       quantizer's QDQ format gives blocks negative scales, which TensorRT
+                       refuses), packed by onnx; the embedding table in fp16.
 
-Only the 2-D weight matrices are quantized: the embedding (int4), the projections and the
-head. The numerically sensitive parameters (conv kernels, A, D, dt bias, norm weights,
-biases) and the state are never quantized; neither is any MatMul whose operands are both
-activations (the scan's C·B and state products).
+Only the 2-D weight matrices are quantized: the embedding (int4; fp16 in the QDQ form), the
+projections and the head. The numerically sensitive parameters (conv kernels, A, D, dt
+bias, norm weights, biases) and the state are never quantized; neither is any MatMul whose
+operands are both activations (the scan's C·B and state products).
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ FP32_OPS = (
 )  # fmt: skip
 
 
+INT4_FORMS = ("MatMulNBits", "QDQ")  # in preference order: the contrib ops are faster in onnxruntime
+
+
 class QuantizationError(EdgeseqError):
     """A precision or option the quantizer cannot honour."""
 
@@ -51,6 +62,7 @@ class QuantOptions:
     int8_preset: str = "avx512_vnni"
     block_size: int = 32  # int4: weights per scale
     accuracy_level: int | None = 4  # int4 on CPU: 4 = int8 activations in MatMulNBits (fastest)
+    int4_form: str = "MatMulNBits"  # one of INT4_FORMS: what the target's runtime parses
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -59,14 +71,43 @@ class QuantOptions:
             raise QuantizationError(f"unknown int8 preset {self.int8_preset!r}; use one of {', '.join(INT8_PRESETS)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise QuantizationError(f"int4 block size must be a power of two >= 16, not {self.block_size}")
+        if self.int4_form not in INT4_FORMS:
+            raise QuantizationError(f"unknown int4 form {self.int4_form!r}; use one of {', '.join(INT4_FORMS)}")
+
+    def introduces(self) -> tuple[tuple[str, str, int], ...]:
+        """The ops this quantization adds to a graph, as (domain, op type, lowest version):
+        what a runtime must parse on top of the flavor's own ops."""
+        if self.precision == "int4":
+            if self.int4_form == "QDQ":
+                return (("", "DequantizeLinear", 21),)  # int4 tensors and block_size: opset 21
+            return (("com.microsoft", "MatMulNBits", 1), ("com.microsoft", "GatherBlockQuantized", 1))
+        if self.precision == "int8":
+            if self.int8_preset == "qdq-weight-only":
+                return (("", "DequantizeLinear", 13),)  # per-axis scales: opset 13
+            return (("", "DynamicQuantizeLinear", 11), ("", "MatMulInteger", 10))
+        return ()
 
     def describe(self) -> dict:
         d = {"precision": self.precision}
         if self.precision == "int8":
-            d |= {"method": "weight-only Q/DQ" if self.int8_preset == "qdq-weight-only" else "onnxruntime dynamic",
-                  "preset": self.int8_preset, **INT8_PRESETS[self.int8_preset]}
-        if self.precision == "int4":
-            d |= {"method": "onnxruntime MatMulNBits", "block_size": self.block_size, "accuracy_level": self.accuracy_level}
+            d |= {
+                "method": "weight-only Q/DQ" if self.int8_preset == "qdq-weight-only" else "onnxruntime dynamic",
+                "preset": self.int8_preset,
+                **INT8_PRESETS[self.int8_preset],
+            }
+        if self.precision == "int4" and self.int4_form == "QDQ":
+            d |= {
+                "method": "block-wise DequantizeLinear + MatMul (weight-only, scale max|W|/7)",
+                "block_size": self.block_size,
+                "embedding": "fp16",
+                "fallback": "int8 per channel where the block does not divide a matrix's rows",
+            }
+        elif self.precision == "int4":
+            d |= {
+                "method": "onnxruntime MatMulNBits",
+                "block_size": self.block_size,
+                "accuracy_level": self.accuracy_level,
+            }
         if self.precision == "fp16":
             d |= {"method": "onnxruntime float16 conversion", "fp32_kept": "state path, reductions, graph I/O"}
         return d
@@ -101,12 +142,29 @@ def recurrent_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.name in seen]
 
 
+class _NoPreprocessHint(logging.Filter):
+    """onnxruntime's quantizer logs, on the root logger, a hint to run its pre-processing
+    (shape inference and graph optimization) first; our graphs come optimized by onnxscript,
+    so the hint tells the user nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
 def quantize_graph(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
     """A quantized copy of an fp32 step or prefill graph; the I/O signature is unchanged."""
     if options.precision == "fp32":
         return model
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)  # its INFO lines per node
-    model = onnx.ModelProto.FromString(model.SerializeToString())  # the tools work in place
+    hint = _NoPreprocessHint()
+    logging.getLogger().addFilter(hint)
+    try:
+        return _quantize(onnx.ModelProto.FromString(model.SerializeToString()), options)  # the tools work in place
+    finally:
+        logging.getLogger().removeFilter(hint)
+
+
+def _quantize(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
     if options.precision == "fp16":
         return _fp16(model)
     if options.precision == "int4":
@@ -141,6 +199,10 @@ def _int8_dynamic(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelPr
 
 
 def _int4(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
+    return _int4_qdq(model, options) if options.int4_form == "QDQ" else _int4_matmulnbits(model, options)
+
+
+def _int4_matmulnbits(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     config = DefaultWeightOnlyQuantConfig(
@@ -156,43 +218,94 @@ def _int4(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
     return quantizer.model.model
 
 
-def _embedding_gathers(model: onnx.ModelProto) -> list[str]:
-    inits = {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+def _int4_qdq(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
+    """Standard ops only, in the form TensorRT's parser takes: each weight W [K, N] whose K
+    the block divides and whose N is even (int4 packs in pairs) int4 blocked along K; any
+    other weight matrix int8 per output channel; the embedding table fp16. The graph is
+    raised to opset 21 (int4 tensors, block_size) with onnx's version converter.
+
+        W_int4 [K, N], scale [K/B, N] -> DequantizeLinear(axis=0, block_size=B) -> MatMul(x, .)
+        E_fp16 [V, D] -> Gather(ids) -> Cast(fp32)
+    """
+    from onnx import version_converter
+
+    if _opset(model) < 21:
+        model = version_converter.convert_version(model, 21)
+    inits = {t.name: t for t in model.graph.initializer}
+    matrices = [n for n in model.graph.node if n.name in set(weight_matmuls(model))]
+    blocked = {n.name for n in matrices if _blockable(inits[n.input[1]], options.block_size)}
+    model = _dequantized_weights(model, blocked, lambda w, name: _int4_blocks(w, name, options.block_size))
+    model = _dequantized_weights(model, set(weight_matmuls(model)), _int8_per_channel)
+    return _embedding_fp16(model)
 
 
-def _int8_weight_only_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Each weight matrix W [K, N] becomes int8 per output channel (axis 1) behind a
-    DequantizeLinear; onnxruntime's quantize_data computes the symmetric scales.
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
-        W_int8 [K, N], scale [N] -> DequantizeLinear(axis=1) -> MatMul(x, .)
+
+def _blockable(weight: onnx.TensorProto, block_size: int) -> bool:
+    """TensorRT takes int4 blocks along K only whole (it infers the block from the shapes)
+    and int4 rows of even length."""
+    k, n = weight.dims
+    return k % block_size == 0 and n % 2 == 0
+
+
+def _int4_blocks(w: np.ndarray, name: str, block: int) -> tuple[list[onnx.TensorProto], dict]:
+    """Symmetric round-to-nearest int4 per block of ``block`` rows, as NVIDIA's ModelOpt
+    makes it for TensorRT: scale = max|W| / 7 over the block, positive (TensorRT refuses
+    the negative scales onnxruntime's quantizer gives its symmetric blocks), no zero point.
+
+        w [K, N] -> blocks [K/B, B, N] -> scale [K/B, N] -> round(w / scale) in [-7, 7]
+    """
+    import ml_dtypes
+
+    k, n = w.shape
+    amax = np.abs(w.reshape(k // block, block, n)).max(axis=1)  # [K/B, N]
+    scale = np.where(amax > 0, amax / 7, 1).astype(np.float32)
+    q = np.clip(np.rint(w / np.repeat(scale, block, axis=0)), -8, 7).astype(ml_dtypes.int4)  # onnx packs two a byte
+    tensors = [numpy_helper.from_array(q, f"{name}_int4"), numpy_helper.from_array(scale, f"{name}_scale")]
+    return tensors, {"axis": 0, "block_size": block}
+
+
+def _int8_per_channel(w: np.ndarray, name: str) -> tuple[list[onnx.TensorProto], dict]:
+    """One symmetric int8 scale per output channel, from onnxruntime's ``quantize_data``.
+
+    w [K, N] -> int8 [K, N], scale [N], zero point [N] (zeros)
     """
     from onnxruntime.quantization.quant_utils import quantize_data
 
+    q_cols, scales = [], []
+    for col in w.T:
+        _, scale, q = quantize_data(col, onnx.TensorProto.INT8, symmetric=True)
+        q_cols.append(q)
+        scales.append(np.float32(scale))
+    tensors = [
+        numpy_helper.from_array(np.stack(q_cols, axis=1).astype(np.int8), f"{name}_int8"),
+        numpy_helper.from_array(np.asarray(scales, dtype=np.float32), f"{name}_scale"),
+        numpy_helper.from_array(np.zeros(len(scales), dtype=np.int8), f"{name}_zero"),
+    ]
+    return tensors, {"axis": 1}
+
+
+def _dequantized_weights(model: onnx.ModelProto, nodes: set[str], quantize) -> onnx.ModelProto:
+    """The weight matrix of each MatMul in ``nodes`` replaced by its quantized form behind a
+    DequantizeLinear; ``quantize(w, name) -> (initializers: quantized, scale[, zero point],
+    DequantizeLinear attributes)``. A matrix two MatMuls share is quantized once.
+
+        W [K, N] (fp32)     becomes     W_q, scale[, zero] -> DequantizeLinear -> MatMul(x, .)
+    """
     inits = {t.name: t for t in model.graph.initializer}
-    targets = set(weight_matmuls(model))
     replaced: dict[str, str] = {}
     new_nodes = []
     for node in model.graph.node:
-        if node.name in targets:
+        if node.name in nodes:
             w_name = node.input[1]
             if w_name not in replaced:
-                w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
-                q_cols, scales = [], []
-                for col in w.T:  # one symmetric int8 scale per output channel
-                    _, scale, q = quantize_data(col, onnx.TensorProto.INT8, symmetric=True)
-                    q_cols.append(q)
-                    scales.append(np.float32(scale))
-                q_name, s_name, z_name = f"{w_name}_int8", f"{w_name}_scale", f"{w_name}_zero"
-                model.graph.initializer.extend([
-                    numpy_helper.from_array(np.stack(q_cols, axis=1).astype(np.int8), q_name),
-                    numpy_helper.from_array(np.asarray(scales, dtype=np.float32), s_name),
-                    numpy_helper.from_array(np.zeros(len(scales), dtype=np.int8), z_name),
-                ])  # fmt: skip
-                out = f"{w_name}_dq"
-                new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
-                                                  name=f"{w_name}_DequantizeLinear", axis=1))
-                replaced[w_name] = out
+                tensors, attrs = quantize(numpy_helper.to_array(inits[w_name]).astype(np.float32), w_name)
+                model.graph.initializer.extend(tensors)
+                replaced[w_name] = f"{w_name}_dq"
+                new_nodes.append(helper.make_node("DequantizeLinear", [t.name for t in tensors], [replaced[w_name]],
+                                                  name=f"{w_name}_DequantizeLinear", **attrs))  # fmt: skip
             node.input[1] = replaced[w_name]
         new_nodes.append(node)
     del model.graph.node[:]
@@ -201,6 +314,42 @@ def _int8_weight_only_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     return model
+
+
+def _embedding_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The embedding table in fp16 (where the lookup is its only reader), its rows cast back
+    to fp32 after the lookup."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers = defaultdict(int)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] += 1
+    new_nodes = []
+    for node in model.graph.node:
+        new_nodes.append(node)
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is not None and table.data_type == onnx.TensorProto.FLOAT and readers[table.name] == 1:
+            table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), table.name))
+            rows, node.output[0] = node.output[0], f"{node.output[0]}_fp16"
+            new_nodes.append(
+                helper.make_node("Cast", [node.output[0]], [rows], name=f"{node.name}_fp32", to=onnx.TensorProto.FLOAT)
+            )
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return model
+
+
+def _embedding_gathers(model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+
+
+def _int8_weight_only_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each weight matrix W [K, N] int8 per output channel (axis 1) behind a DequantizeLinear.
+
+    W_int8 [K, N], scale [N] -> DequantizeLinear(axis=1) -> MatMul(x, .)
+    """
+    return _dequantized_weights(model, set(weight_matmuls(model)), _int8_per_channel)
 
 
 def _drop_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -220,4 +369,6 @@ def _drop_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
         return x.dtype == ir.DataType.FLOAT
 
     rule = pattern.RewriteRule(round_trip, lambda op, x: op.Identity(x), is_fp32)
-    return onnxscript.optimizer.optimize(rewrite(model, pattern_rewrite_rules=[rule]))
+    optimized = ir.from_proto(onnxscript.optimizer.optimize(rewrite(model, pattern_rewrite_rules=[rule])))
+    optimized.graph.sort()  # the converter appends its casts after their readers; ONNX wants producers first
+    return ir.to_proto(optimized)

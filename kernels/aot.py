@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from edgeseq.errors import BackendError, UsageError
 from edgeseq.kernels._triton import next_pow2, require_triton, triton
 
 KINDS = ("chunk_state", "chunk_scan", "step")
@@ -93,7 +94,7 @@ def compile_entry(kind: str, dims: PluginDims, cc: int, num_warps: int = 4) -> P
     from triton.compiler import ASTSource
 
     if kind not in KINDS:
-        raise ValueError(f"unknown plugin kernel {kind!r}; expected one of {', '.join(KINDS)}")
+        raise UsageError(f"unknown plugin kernel {kind!r}; expected one of {', '.join(KINDS)}")
     fn = _entry(kind)
     for halve, num_stages in ((0, 2), (0, 1), (1, 2), (1, 1), (2, 1)):
         tiles = _tiles(kind, dims, halve)
@@ -114,7 +115,7 @@ def compile_entry(kind: str, dims: PluginDims, cc: int, num_warps: int = 4) -> P
         "clusters": getattr(md, "num_ctas", 1) != 1,
     }
     if any(unsupported.values()):
-        raise RuntimeError(f"{kind} kernel for sm_{cc} needs {[k for k, v in unsupported.items() if v]}: "
+        raise BackendError(f"{kind} kernel for sm_{cc} needs {[k for k, v in unsupported.items() if v]}: "
                            "TensorRT's AOT launch gives none of these")  # fmt: skip
     ptx = compiled.asm["ptx"]
     entry = re.search(rf"\.entry {re.escape(md.name)}\s*\((.*?)\)", ptx, re.DOTALL)
@@ -151,7 +152,7 @@ def _check(status: int, what: str) -> None:
     if status != 0:
         text = ctypes.c_char_p()
         _driver().cuGetErrorString(status, ctypes.byref(text))
-        raise RuntimeError(f"{what} failed: CUDA error {status} ({(text.value or b'?').decode()})")
+        raise BackendError(f"{what} failed: CUDA error {status} ({(text.value or b'?').decode()})")
 
 
 @lru_cache(maxsize=64)
@@ -169,7 +170,7 @@ def launch(kernel: PluginKernel, grid: tuple[int, int, int], inputs, scalars, ou
     values = [ctypes.c_uint64(p) for p in inputs] + [ctypes.c_int32(s) for s in scalars]
     values += [ctypes.c_uint64(p) for p in outputs]
     if len(values) > len(kernel.params):
-        raise ValueError(f"{kernel.name} takes {len(kernel.params)} parameters, got {len(values)}")
+        raise UsageError(f"{kernel.name} takes {len(kernel.params)} parameters, got {len(values)}")
     values += [ctypes.c_uint64(0) for _ in kernel.params[len(values) :]]
     args = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
     status = _driver().cuLaunchKernel(

@@ -18,6 +18,7 @@ masked (step 0's dt = 0 padding), so nothing is copied or padded on the host.
 import torch
 from torch import Tensor
 
+from edgeseq.errors import UsageError
 from edgeseq.kernels._common import FP32_DOT, KEY, configs, dot, prune
 from edgeseq.kernels._triton import interpreting, next_pow2, require_triton, tl, triton
 from edgeseq.kernels.ssd_states import chunk_states
@@ -167,7 +168,7 @@ def ssd_scan(X, dt, A, B, C, chunk_size: int, D=None, initial_state=None, fused_
     b, l, h, p = X.shape
     g, n = B.shape[2:]
     if h % g or B.shape != C.shape or B.dtype != C.dtype or B.shape[:2] != (b, l):
-        raise ValueError(f"ssd_scan needs B, C (b, l, g, n) alike, g dividing h; got X {tuple(X.shape)}, "
+        raise UsageError(f"ssd_scan needs B, C (b, l, g, n) alike, g dividing h; got X {tuple(X.shape)}, "
                          f"B {tuple(B.shape)} {B.dtype}, C {tuple(C.shape)} {C.dtype}")  # fmt: skip
     Y = torch.empty(b, l, h, p, dtype=X.dtype, device=X.device)
     final = torch.empty(b, h, n, p, dtype=torch.float32, device=X.device)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edgeseq import reference
+from edgeseq.errors import UsageError
 from edgeseq.kernels._triton import next_pow2, require_triton, tl, triton
 
 
@@ -138,7 +139,7 @@ def ssd_step(xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A, D, ssm_sta
     n, p = ssm_state.shape[2:]
     conv_dim, k = conv_weight.shape
     if k < 2 or ssm_state.dtype != torch.float32:
-        raise ValueError(
+        raise UsageError(
             f"ssd_step needs a conv of at least 2 taps and an fp32 ssm state (got k={k}, {ssm_state.dtype})"
         )
     y = torch.empty(b, h, p, dtype=torch.float32, device=xBC.device)

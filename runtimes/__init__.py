@@ -13,12 +13,14 @@ _LAZY = {
     "Runner": "base",
     "FeedError": "base",
     "GraphIOError": "base",
+    "InferenceError": "base",
     "RunnerNotActiveError": "base",
     "TorchRunner": "torch_runner",
     "OnnxRuntimeRunner": "ort_runner",
     "TensorRTRunner": "trt_runner",
     "StreamingSession": "session",
     "StateError": "session",
+    "SessionError": "session",
 }
 
 __all__ = list(_LAZY)

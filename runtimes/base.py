@@ -6,14 +6,16 @@
                                       # deactivate() on exit frees the session / engine
 
 Feeds are checked against ``runner.io`` (names, dtypes, ranks, fixed dims) before the
-backend sees them, so every backend rejects a bad feed with the same one-line error.
+backend sees them, so every backend rejects a bad feed with the same one-line error; a
+backend that still fails raises ``InferenceError``. Every error here is an ``EdgeseqError``.
 This module imports numpy and the torch-free I/O spec only.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Self
 
 import numpy as np
 
@@ -33,9 +35,15 @@ class GraphIOError(EdgeseqError):
     """A built graph or engine does not have the inputs and outputs it was declared with."""
 
 
+class InferenceError(EdgeseqError):
+    """The backend failed to run a graph on feeds that passed the checks."""
+
+
 def check_feeds(io: GraphIO, feeds: Mapping[str, np.ndarray]) -> None:
     """Raise FeedError unless ``feeds`` holds exactly ``io``'s inputs, with their dtypes,
     ranks and fixed dims, and one batch size across the inputs that have a named axis."""
+    if not isinstance(feeds, Mapping):
+        raise FeedError(f"feeds are a {type(feeds).__name__}; pass a dict of input name -> numpy array")
     want = {t.name for t in io.inputs}
     missing, unknown = sorted(want - feeds.keys()), sorted(feeds.keys() - want)
     if missing or unknown:
@@ -94,6 +102,7 @@ class Runner:
         self.name = name
         self.is_active = False
         self._last_inference_s: float | None = None
+        self._watchers: list[Callable[[], None]] = []
 
     @property
     def io(self) -> GraphIO:
@@ -122,13 +131,19 @@ class Runner:
         start = time.perf_counter()
         outputs = self._infer(dict(feeds))
         self._last_inference_s = time.perf_counter() - start
+        for watcher in self._watchers:
+            watcher()
         return outputs
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every successful infer (progress displays count calls)."""
+        self._watchers.append(callback)
 
     def last_inference_time(self) -> float | None:
         """Seconds the last infer() spent in the backend (feed checks excluded)."""
         return self._last_inference_s
 
-    def __enter__(self) -> Runner:
+    def __enter__(self) -> Self:
         self.activate()
         return self
 

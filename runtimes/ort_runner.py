@@ -2,7 +2,9 @@
 
 The InferenceSession is built on activate() (graph optimization ALL); ``providers_used``
 then says which execution providers onnxruntime actually took, which may be fewer than
-were asked for (it falls back to CPU for a provider it lacks).
+were asked for (it falls back to CPU for a provider it lacks). onnxruntime's own
+exceptions come out as one-line ``EdgeseqError``s: ``GraphIOError`` when a graph does not
+load, ``InferenceError`` when a run fails.
 """
 
 from __future__ import annotations
@@ -13,8 +15,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edgeseq.errors import RuntimeUnavailableError
 from edgeseq.export.spec import GraphIO, TensorSpec
-from edgeseq.runtimes.base import GraphIOError, Runner, RunnerNotActiveError, check_declared, io_from_specs
+from edgeseq.runtimes.base import (
+    GraphIOError,
+    InferenceError,
+    Runner,
+    RunnerNotActiveError,
+    check_declared,
+    io_from_specs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +56,9 @@ class OnnxRuntimeRunner(Runner):
         plugin nodes as custom ops: "reference" (CPU) or "kernels" (their PTX on the GPU);
         see ``edgeseq.runtimes.plugin_ops``."""
         source = path_or_bytes if isinstance(path_or_bytes, bytes) else os.fspath(path_or_bytes)
-        super().__init__(name or ("onnxruntime" if isinstance(source, bytes) else f"onnxruntime:{os.path.basename(source)}"))
+        super().__init__(
+            name or ("onnxruntime" if isinstance(source, bytes) else f"onnxruntime:{os.path.basename(source)}")
+        )
         self.source = source
         self.providers_requested = list(providers) if providers else ["CPUExecutionProvider"]
         self.intra_op_threads = intra_op_threads
@@ -61,11 +73,16 @@ class OnnxRuntimeRunner(Runner):
         if self._declared_io is not None:
             return self._declared_io
         if self._session_io is None:
-            raise RunnerNotActiveError(f"runner {self.name!r} reads its I/O from the graph; activate it first or pass io=")
+            raise RunnerNotActiveError(
+                f"runner {self.name!r} reads its I/O from the graph; activate it first or pass io="
+            )
         return self._session_io
 
     def _activate(self) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeUnavailableError("onnxruntime is not installed; pip install onnxruntime") from None
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -77,9 +94,8 @@ class OnnxRuntimeRunner(Runner):
             plugin_ops.configure(options, self.plugins)
         try:
             self._session = ort.InferenceSession(self.source, sess_options=options, providers=self.providers_requested)
-        except Exception as error:  # onnxruntime's own exception types; report one line
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise GraphIOError(f"{self.name}: onnxruntime cannot load the graph: {reason}") from None
+        except Exception as error:  # noqa: BLE001  onnxruntime's own types derive from Exception only
+            raise GraphIOError(f"{self.name}: onnxruntime cannot load the graph: {_first_line(error)}") from None
         self.providers_used = list(self._session.get_providers())
         asked = [p if isinstance(p, str) else p[0] for p in self.providers_requested]
         if dropped := [p for p in asked if p not in self.providers_used]:
@@ -94,17 +110,24 @@ class OnnxRuntimeRunner(Runner):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [t.name for t in self.io.outputs]
-        if not self.plugins:
-            return dict(zip(names, self._session.run(names, feeds)))
-        from edgeseq.runtimes import plugin_ops
-
         try:
             outputs = self._session.run(names, feeds)
-        except Exception:
-            plugin_ops.raise_pending()  # the op's own error, if one failed, explains the run's
-            raise
-        plugin_ops.raise_pending()
+        except Exception as error:  # noqa: BLE001  onnxruntime's own types derive from Exception only
+            if self.plugins:
+                from edgeseq.runtimes import plugin_ops
+
+                plugin_ops.raise_pending()  # the op's own error, if one failed, explains the run's
+            raise InferenceError(f"{self.name}: onnxruntime failed to run the graph: {_first_line(error)}") from None
+        if self.plugins:
+            from edgeseq.runtimes import plugin_ops
+
+            plugin_ops.raise_pending()
         return dict(zip(names, outputs))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _session_io(session) -> GraphIO:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeseq.errors import RuntimeUnavailableError
+from edgeseq.errors import RuntimeUnavailableError, UsageError
 from edgeseq.export.trt_plugins import DOMAIN, PLUGINS, output_shapes, plugin_dims
 
 BACKENDS = ("reference", "kernels")
@@ -57,7 +57,7 @@ def _extensions():
 def bind(backend: str) -> None:
     """Route every plugin node of later runs to ``backend`` ("reference" or "kernels")."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown plugin backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown plugin backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "kernels":
         import torch
 

@@ -1,6 +1,7 @@
 """StreamingSession: the app-facing decode loop over any runner. Torch-free.
 
-    session = StreamingSession(step_runner, prefill_runner)   # runners already active
+    session = StreamingSession.from_bundle("out/bundle")      # a bundle, on onnxruntime
+    session = StreamingSession(step_runner, prefill_runner)   # or runners already active
     logits = session.prefill(prompt_ids)                      # [V]
     logits = session.step(next_token)                         # [V]
     blob = session.save_state()                               # safetensors bytes
@@ -12,12 +13,16 @@ it pairs with (``GraphIO.state_pairs``). It always counts the tokens consumed, a
 Mamba2-only graphs that have no ``position`` input; the count is saved with the state.
 
 With ``batch=B`` the session runs B streams in lockstep: prefill takes [B, T] ids, step
-takes B tokens, and both return [B, V] logits.
+takes B tokens, and both return [B, V] logits. Token ids are checked against the
+vocabulary before a runner sees them. Every error it raises is an ``EdgeseqError``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
 
 import numpy as np
 import safetensors
@@ -34,21 +39,90 @@ class StateError(EdgeseqError):
     """Saved state bytes do not fit this session's graph."""
 
 
+class SessionError(EdgeseqError):
+    """A session was built from something it cannot stream with."""
+
+
+def _check_runner(role: str, runner: object) -> None:
+    if isinstance(runner, (str, os.PathLike)):
+        raise SessionError(f"StreamingSession takes runners, not a path; open a bundle with "
+                           f"StreamingSession.from_bundle({os.fspath(runner)!r})")  # fmt: skip
+    if not (hasattr(runner, "infer") and hasattr(runner, "io")):
+        raise SessionError(f"{role} is a {type(runner).__name__}, not a runner (edgeseq.runtimes.Runner); "
+                           "open a bundle with StreamingSession.from_bundle(path)")  # fmt: skip
+
+
 class StreamingSession:
-    def __init__(self, step_runner: Runner, prefill_runner: Runner | None = None, io: GraphIO | None = None, batch: int = 1):
+    def __init__(
+        self, step_runner: Runner, prefill_runner: Runner | None = None, io: GraphIO | None = None, batch: int = 1
+    ):
+        _check_runner("step_runner", step_runner)
+        if prefill_runner is not None:
+            _check_runner("prefill_runner", prefill_runner)
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise SessionError(f"batch must be a whole number of streams, at least 1 (got {batch!r})")
         self.step_runner, self.prefill_runner = step_runner, prefill_runner
         self.io = io or step_runner.io
-        self.batch = batch
+        self.batch = int(batch)
+        self.flavor: str | None = None  # the bundle's graph flavor, when opened with from_bundle
+        logits = next((t for t in self.io.outputs if t.name == "logits"), None)
+        # token ids run from 0 to vocab_size - 1 (None: the graph does not fix the vocabulary)
+        self.vocab_size = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else None
         self._state_specs = {t.name: t for t in self.io.inputs if t.name != "input_ids"}
         self._pairs = dict(self.io.state_pairs)  # input name -> output name
         unpaired = sorted(self._state_specs.keys() - self._pairs.keys())
         if unpaired:
-            raise GraphIOError(f"step graph inputs {unpaired} have no present.* output to feed them; re-export the graph")
+            raise GraphIOError(
+                f"step graph inputs {unpaired} have no present.* output to feed them; re-export the graph"
+            )
         if prefill_runner is not None:
             theirs = {t.name for t in prefill_runner.io.inputs if t.name != "input_ids"}
             if theirs != self._state_specs.keys():
                 raise GraphIOError("the prefill and step graphs carry different state; export both from one model")
         self.reset()
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, flavor: str | None = None, batch: int = 1,
+                    threads: int | None = None) -> StreamingSession:  # fmt: skip
+        """A session over a bundle's step and prefill graphs, active and ready to decode.
+
+        The manifest is read with every file's sha256 checked (``edgeseq.deploy.bundle``);
+        ``flavor`` defaults to the first of the bundle's flavors that a runtime installed
+        here streams (``edgeseq.deploy.runtimes``), placed on the execution providers and
+        threads of the bundle's target profile (``threads`` overrides them; 0: all cores).
+        ``close()`` (or ``with``) frees the runtime's sessions."""
+        from edgeseq.deploy.bundle import read_manifest
+        from edgeseq.deploy.runtimes import Placement, open_runner, streamed_flavor
+
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise SessionError(f"threads must be 0 (all cores) or more (got {threads!r})")
+        root = Path(path)
+        manifest = read_manifest(root)
+        flavor = streamed_flavor(manifest, flavor)
+        placement = Placement.of_target(manifest.get("target", {}), threads)
+        step, prefill = (open_runner(root, manifest, flavor, kind, placement) for kind in ("step", "prefill"))
+        try:
+            step.activate()
+            prefill.activate()
+            session = cls(step, prefill, batch=batch)
+        except BaseException:
+            step.deactivate()
+            prefill.deactivate()
+            raise
+        session.flavor = flavor
+        return session
+
+    def close(self) -> None:
+        """Free the runners' backends (the session cannot decode afterwards)."""
+        for runner in (self.step_runner, self.prefill_runner):
+            if runner is not None:
+                runner.deactivate()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- state ------------------------------------------------------------------------
 
@@ -75,7 +149,10 @@ class StreamingSession:
             tensors = safetensors.numpy.load(bytes(data))
         except (safetensors.SafetensorError, TypeError, ValueError, KeyError) as e:  # damaged or foreign bytes
             raise StateError(f"state bytes are not a saved session state ({type(e).__name__}: {e})") from None
-        want = {**{n: (self._shape(s.shape), s.dtype) for n, s in self._state_specs.items()}, POSITION: ((self.batch,), "int64")}
+        want = {
+            **{n: (self._shape(s.shape), s.dtype) for n, s in self._state_specs.items()},
+            POSITION: ((self.batch,), "int64"),
+        }
         missing, unknown = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
         if missing or unknown:
             raise StateError(f"saved state does not fit this graph: missing {missing}, unexpected {unknown}")
@@ -103,7 +180,7 @@ class StreamingSession:
 
     def step(self, token: int | Sequence[int] | np.ndarray) -> np.ndarray:
         """Consume one token per stream; logits [V] (or [B, V])."""
-        logits = self._run(self.step_runner, self._ids(np.reshape(np.asarray(token, np.int64), (-1, 1))))
+        logits = self._run(self.step_runner, self._ids(np.reshape(np.asarray(token), (-1, 1))))
         return logits[0] if self.batch == 1 else logits
 
     def _run(self, runner: Runner, ids: np.ndarray) -> np.ndarray:
@@ -115,10 +192,21 @@ class StreamingSession:
         return logits[:, -1] if logits.ndim == 3 else logits
 
     def _ids(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
+        """Token ids as int64 [B, T], checked: integers, one row per stream, in the vocabulary."""
+        try:
+            ids = np.asarray(ids)
+        except ValueError:  # ragged rows
+            raise FeedError("token ids are ragged; give every stream the same number of tokens") from None
+        if ids.size and ids.dtype.kind not in "iu":
+            raise FeedError(f"token ids must be integers, not {ids.dtype}")
+        ids = ids.astype(np.int64)
         ids = ids[None] if ids.ndim == 1 and self.batch == 1 else ids
         if ids.ndim != 2 or ids.shape[0] != self.batch:
             raise FeedError(f"token ids of shape {ids.shape} do not fit {self.batch} stream(s); pass [T] or [B, T]")
+        vocab = self.vocab_size
+        if vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
+            raise FeedError(f"token id {bad} is out of range; this model takes ids 0 to {vocab - 1}")
         return ids
 
     def _shape(self, shape: tuple[int | str, ...]) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgeseq.errors import UsageError
 from edgeseq.export.spec import GraphIO, graph_io
 from edgeseq.runtimes.base import Runner
 
@@ -38,7 +39,7 @@ class TorchRunner(Runner):
         """dtype: "float32" (the reference) or "float64" (the oracle); the model is copied
         to it (and to ``device``) on activate unless it already is."""
         if dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"TorchRunner runs float32 or float64, not {dtype!r}")
+            raise UsageError(f"TorchRunner runs float32 or float64, not {dtype!r}")
         suffix = "" if dtype == "float32" else f"-{_FLOAT_DTYPES[dtype]}"
         super().__init__(name or f"torch-{kind}-{device}{suffix}")
         self.model, self.kind, self.device, self.all_logits, self.dtype = model, kind, device, all_logits, dtype

@@ -119,9 +119,39 @@ def test_no_layer_kind_name_is_compared_outside_the_kinds():
 @pytest.mark.parametrize(
     "module",
     ["edgeseq.choices", "edgeseq.config", "edgeseq.width", "edgeseq.sizing", "edgeseq.targets.plan",
-     "edgeseq.deploy.bundle", "edgeseq.deploy.runtimes", "edgeseq.deploy.run", "edgeseq.runtimes.session"],
+     "edgeseq.deploy.bundle", "edgeseq.deploy.runtimes", "edgeseq.deploy.run", "edgeseq.runtimes.session",
+     # the runtime-only install (`pip install edgeseq`): the CLI, run, bench, validate --golden, the session
+     "edgeseq", "edgeseq.cli", "edgeseq.data", "edgeseq.deploy.bench", "edgeseq.deploy.validation",
+     "edgeseq.validate", "edgeseq.runtimes.base", "edgeseq.runtimes.ort_runner"],
 )  # fmt: skip
 def test_light_modules_import_neither_torch_nor_onnx(module):
     code = f"import sys, {module}; heavy = {{'torch', 'onnx'}} & set(sys.modules); assert not heavy, heavy"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr.strip().splitlines()[-1]
+
+
+BUILTIN_ERRORS = {"ValueError", "TypeError", "RuntimeError", "KeyError", "IndexError", "OSError"}  # AssertionError: edgeseq.testing's to raise
+
+
+def raised_builtins(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, name) of every ``raise BuiltinError(...)`` with a message: an error that
+    would reach a Python API user as something other than an EdgeseqError. A bare
+    ``raise TypeError`` inside a value check that its caller converts is not counted."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
+            if node.exc.func.id in BUILTIN_ERRORS:
+                out.append((node.lineno, node.exc.func.id))
+    return out
+
+
+def test_the_raise_finder_finds_a_planted_builtin_error():
+    tree = ast.parse("def f(x):\n    if x:\n        raise TypeError\n    raise ValueError(f'bad {x}')\n")
+    assert raised_builtins(tree) == [(4, "ValueError")]
+
+
+def test_every_error_the_package_raises_is_an_edgeseq_error():
+    found = [f"{path.relative_to(ROOT)}:{line} raises {name}"
+             for path in package_modules().values()
+             for line, name in raised_builtins(ast.parse(path.read_text()))]  # fmt: skip
+    assert not found, "raise an edgeseq.errors class (UsageError is also a ValueError):\n" + "\n".join(found)

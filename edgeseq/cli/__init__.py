@@ -7,7 +7,7 @@ import sys
 from edgeseq.cli.common import INTERRUPTED, main
 
 # Register the commands (import for side effects).
-from edgeseq.cli import deploy_commands, model_commands, target_commands  # noqa: E402, F401  isort: skip
+from edgeseq.cli import deploy_commands, model_commands, target_commands  # noqa: F401  isort: skip
 
 __all__ = ["main", "run"]
 

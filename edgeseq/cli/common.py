@@ -6,23 +6,49 @@ Commands load through ``edgeseq.zoo``, compute through the core modules and prin
 table, or exactly one JSON document with ``--json``. An ``EdgeseqError`` (bad input) is
 printed as one ``error: ...`` line on stderr and exits with its ``exit_code``; anything
 else is a bug and raises. Heavy modules (torch, onnxruntime) are imported inside the
-commands that need them, so ``edgeseq run`` works on a device without PyTorch.
+commands that need them, so ``edgeseq run``, ``bench`` and ``validate --golden`` work on
+a device with the runtime-only install (``pip install edgeseq``: no PyTorch, no onnx);
+a command that needs the toolchain says so first, with ``require_toolchain``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import threading
 from typing import Any
 
 import click
+from rich import box
 
 from edgeseq import __version__
 from edgeseq.errors import EdgeseqError
 
 DEFAULT_MODEL = "mamba2-tiny"
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C; SIGTERM ends a run the same way
+TOOLCHAIN_INSTALL = "pip install 'edgeseq[export]'"
+
+
+class ToolchainMissingError(EdgeseqError):
+    """A command needs the toolchain (PyTorch, onnx: the ``export`` extra), which this install lacks."""
+
+
+def require_toolchain(command: str, *modules: str, instead: str | None = None) -> None:
+    """Raise ToolchainMissingError, before any work, unless every module ``command`` needs
+    (default: torch) is installed; ``instead`` names what works without them."""
+    missing = [m for m in modules or ("torch",) if not _installed(m)]
+    if missing:
+        other = f"; {instead}" if instead else ""
+        raise ToolchainMissingError(f"edgeseq {command} needs the toolchain ({', '.join(missing)} not installed): "
+                                    f"{TOOLCHAIN_INSTALL}{other}")  # fmt: skip
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install, or one a test hides
+        return False
 
 
 def _interrupt(signum, frame) -> None:
@@ -58,11 +84,13 @@ def _emit_json(doc: dict[str, Any]) -> None:
 
 
 def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    raise AssertionError("unreachable")
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 def _count(n: int) -> str:
@@ -73,6 +101,15 @@ def _trained(metadata: dict[str, Any]) -> str:
     trained = metadata.get("trained")
     return "trained" if trained is True else "untrained" if trained is False else "trained: unknown"
 
+
+# Rich tables that stay readable in 80 columns (rich otherwise squeezes columns to a letter or
+# two): a rule under the header, no edges, one space of padding between columns.
+COMPACT_TABLE: dict[str, Any] = {
+    "box": box.SIMPLE_HEAD,
+    "collapse_padding": True,
+    "pad_edge": False,
+    "show_edge": False,
+}
 
 model_argument = click.argument("model", default=DEFAULT_MODEL, metavar="[MODEL]")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")

@@ -9,11 +9,12 @@ import click
 from rich.console import Console
 
 from edgeseq.choices import DEVICES, FLAVORS, PRECISIONS
-from edgeseq.cli.common import _emit_json, json_option, main
+from edgeseq.cli.common import COMPACT_TABLE, _emit_json, json_option, main, require_toolchain
 from edgeseq.deploy.runtimes import TENSORRT
 from edgeseq.errors import EdgeseqError
 from edgeseq.width import WidthSpec
 
+GRAPH_TOOLCHAIN = ("torch", "onnx", "onnxscript")  # what building and rewriting ONNX graphs imports
 FLAVOR_CHOICE = click.Choice(FLAVORS)
 PRECISION_CHOICE = click.Choice(PRECISIONS)
 DEVICE_CHOICE = click.Choice(DEVICES)
@@ -32,13 +33,37 @@ def _budget(text: str | None) -> int | None:
     return None if text is None else parse_bytes(text)
 
 
-def _progress_printer(console: Console):
-    t0 = time.perf_counter()
+class _ProgressPrinter:
+    """One line per stage, and during validation a bar of graph calls with the time left
+    (rich draws it only on a terminal)."""
 
-    def progress(stage: str, detail: str) -> None:
-        console.print(f"[bold cyan]{stage:>8}[/] {detail}  [dim]{time.perf_counter() - t0:6.1f}s[/]", highlight=False)
+    def __init__(self, console: Console):
+        self.console, self.t0 = console, time.perf_counter()
+        self.bar = None
 
-    return progress
+    def __call__(self, stage: str, detail: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        self.console.print(f"[bold cyan]{stage:>8}[/] {detail}  [dim]{elapsed:6.1f}s[/]", highlight=False)
+
+    def calls(self, flavor: str):
+        """A (done, total) callback for ``validate_flavor``, drawing one bar per flavor."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if self.bar is None:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                TextColumn("calls, about"), TimeRemainingColumn(), TextColumn("left"),
+                                console=self.console, transient=True)  # fmt: skip
+            self.bar.start()
+        task = self.bar.add_task(f"validate {flavor}", total=None)
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _progress_printer(console: Console) -> _ProgressPrinter:
+    return _ProgressPrinter(console)
 
 
 def _bundle_name(model: str | None, target: str, spec: WidthSpec | None, precision: str | None) -> Path:
@@ -83,6 +108,7 @@ def export(model, target, width, widths, precision, memory_budget, min_tokens_pe
       edgeseq export --target raspberry-pi-5
       edgeseq export --model hybrid-tiny --target x86 --width 1/4 --quant int8 -o out/h
     """
+    require_toolchain("export", *GRAPH_TOOLCHAIN)
     from edgeseq.deploy.pipeline import ExportRequest, export_bundle
     from edgeseq.targets import get_target
 
@@ -95,7 +121,11 @@ def export(model, target, width, widths, precision, memory_budget, min_tokens_pe
                         min_tokens_per_s=min_tokens_per_s, int4_block_size=int4_block_size,
                         embed_reference=embed_reference, threads=threads, reference_device=device)
     console = Console(stderr=as_json)
-    manifest = export_bundle(req, _progress_printer(console))
+    printer = _progress_printer(console)
+    try:
+        manifest = export_bundle(req, printer)
+    finally:
+        printer.close()
     _report_bundle(console, output, manifest, as_json)
 
 
@@ -127,6 +157,7 @@ def quantize(bundle, precision, output, int4_block_size, reference, steps, long_
     Example:
       edgeseq quantize out/mamba2-tiny-x86-64-cpu-w0.5 --quant int4 -o out/w0.5-int4
     """
+    require_toolchain("quantize", *GRAPH_TOOLCHAIN)
     from edgeseq.deploy.pipeline import quantize_bundle
 
     if precision == "fp32":
@@ -163,9 +194,17 @@ def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golde
       edgeseq validate BUNDLE --save-golden golden.safetensors      # on a machine with PyTorch
       edgeseq validate BUNDLE --golden golden.safetensors           # on the device, no PyTorch
     """
+    if not golden:
+        require_toolchain("validate", "torch", *(("matplotlib",) if plot else ()),
+                          instead="without it, validate against a golden file: --golden FILE")  # fmt: skip
     from edgeseq.deploy.validation import run_validation
 
-    outcome = run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden, reference)
+    printer = _progress_printer(Console(stderr=True))
+    try:
+        outcome = run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden,
+                                 reference, progress=printer.calls)  # fmt: skip
+    finally:
+        printer.close()
     if as_json:
         _emit_json(outcome)
     else:
@@ -242,13 +281,15 @@ def bench(bundle, steps, prompt_len, threads, out, only, as_json):
         return
     from rich.table import Table
 
-    table = Table(title=f"{bundle} (batch 1, {threads} threads)")
-    for col in ("runtime", "decode ms/token", "tokens/s", "prefill tokens/s", "peak RSS MiB"):
-        table.add_column(col, justify="left" if col == "runtime" else "right")
+    console = Console()
+    console.print(f"{bundle} (batch 1, {threads} threads, a {prompt_len}-token prompt)", markup=False, highlight=False)
+    table = Table(**COMPACT_TABLE)
+    for col in ("runtime", "ms/token", "tokens/s", "prefill tokens/s", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "runtime" else "right", no_wrap=True)
     for r in rows:
         table.add_row(r["runtime"], f"{r['decode_ms']:.3f}", f"{1e3 / r['decode_ms']:.1f}",
                       f"{r['prefill_tokens_per_s']:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f}")
-    Console().print(table)
+    console.print(table)
 
 
 @main.command("build-engine")

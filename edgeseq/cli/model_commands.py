@@ -11,7 +11,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeseq.choices import FORMATS, PRECISIONS, WRITABLE_FORMATS
-from edgeseq.cli.common import DEFAULT_MODEL, _bytes, _count, _emit_json, _trained, json_option, main, model_argument
+from edgeseq.cli.common import (
+    COMPACT_TABLE,
+    DEFAULT_MODEL,
+    _bytes,
+    _count,
+    _emit_json,
+    _trained,
+    json_option,
+    main,
+    model_argument,
+    require_toolchain,
+)
 from edgeseq.errors import EdgeseqError, WidthError
 from edgeseq.width import WidthSpec, exact_width, resolve, untrained_warning
 
@@ -37,6 +48,7 @@ def inspect(model: str, fmt: str | None, as_json: bool) -> None:
       edgeseq inspect hybrid-tiny
       edgeseq inspect out/mamba2-tiny-w0.5 --json
     """
+    require_toolchain("inspect")  # the checkpoint loaders build the torch model
     from edgeseq.sizing import layer_pattern, nested_sizes
     from edgeseq.zoo import load_model
 
@@ -61,7 +73,7 @@ def inspect(model: str, fmt: str | None, as_json: bool) -> None:
         f"  layers [cyan]{header['layers']}[/cyan]",
         highlight=False,
     )
-    table = Table(caption=SIZE_NOTE, caption_justify="left")
+    table = Table(caption=SIZE_NOTE, caption_justify="left", **COMPACT_TABLE)
     table.add_column("width")
     table.add_column("params", justify="right")
     for dtype in PRECISIONS:
@@ -123,6 +135,7 @@ def extract(model: str, width: str | None, widths: str | None, output: Path, fmt
     """
     if (width is None) == (widths is None):
         raise click.UsageError("give exactly one of --width (one fraction) or --widths (one per layer)")
+    require_toolchain("extract")
     from edgeseq.extract import extract as extract_model
     from edgeseq.families import save_checkpoint
     from edgeseq.sizing import kept_per_layer, size_of
@@ -173,7 +186,7 @@ def _print_extracted(doc: dict[str, Any]) -> None:
         f"({doc['format']})",
         highlight=False,
     )
-    table = Table()
+    table = Table(**COMPACT_TABLE)
     for name in ("layer", "part", "kept"):
         table.add_column(name, justify="left" if name == "part" else "right")
     for row in doc["layers"]:
@@ -208,6 +221,7 @@ def eval_(model: str, widths: tuple[str, ...], tokens: int, segments: int, as_js
       edgeseq eval
       edgeseq eval hybrid-tiny --width 0.5 --tokens 32768 --segments 4 --json
     """
+    require_toolchain("eval")
     import numpy as np
 
     from edgeseq.data import load_sample
@@ -231,12 +245,15 @@ def eval_(model: str, widths: tuple[str, ...], tokens: int, segments: int, as_js
     if as_json:
         _emit_json(doc)
         return
-    table = Table(title=f"{doc['model']}: held-out bits per byte ({doc['tokens']} tokens, {_trained(metadata)})")
-    table.add_column("width")
+    console = Console()
+    console.print(f"{escape(doc['model'])}: held-out bits per byte ({doc['tokens']} tokens, {_trained(metadata)})",
+                  highlight=False)  # fmt: skip
+    table = Table(**COMPACT_TABLE)
+    table.add_column("width", no_wrap=True)
     table.add_column("bits/byte", justify="right")
     for row in rows:
         table.add_row(row["width"], f"{row['bits_per_byte']:.4f}")
-    Console().print(table)
+    console.print(table)
 
 
 @main.command()
@@ -255,6 +272,7 @@ def generate(model: str, width: str, prompt: str, n: int, temperature: float, to
     Example:
       edgeseq generate --model mamba2-tiny --width 0.25 --prompt "def " -n 200
     """
+    require_toolchain("generate", instead="stream from a bundle with `edgeseq run BUNDLE`")
     import codecs
     import sys
 
@@ -312,6 +330,7 @@ def train(model: str, steps: int, batch: int, seq_len: int, lr: float, seed: int
     Example:
       edgeseq train --model mamba2-tiny --steps 2200 -o runs/mamba2-tiny
     """
+    require_toolchain("train")
     import torch
 
     from edgeseq.train import TrainConfig

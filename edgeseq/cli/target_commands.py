@@ -7,15 +7,26 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgeseq.cli.common import _bytes, _count, _emit_json, json_option, main, model_argument
+from edgeseq.cli.common import (
+    COMPACT_TABLE,
+    _bytes,
+    _count,
+    _emit_json,
+    json_option,
+    main,
+    model_argument,
+    require_toolchain,
+)
 
 TARGETS_NOTE = (
     "memory: what the model may use (weights, state, working memory), not the board's total. "
-    "bandwidth: peak DRAM. TFLOPS/TOPS: dense fp16 / int8. *: default precision. "
-    "flavors: graphs a bundle carries, the first runs by default. cc: CUDA compute capability."
+    "GB/s: peak DRAM bandwidth. TFLOPS/TOPS: dense fp16 / int8. cc: CUDA compute capability. "
+    "*: default precision. flavors: graphs a bundle carries, the first runs by default."
 )
-COLUMNS = ("name", "aliases", "memory", "bandwidth", "TFLOPS/TOPS", "runtime", "precisions", "flavors", "cc")
-NUMERIC = ("memory", "bandwidth", "TFLOPS/TOPS")
+# Two tables, each readable in 80 columns: the hardware, then what runs on it.
+HARDWARE = ("name", "aliases", "memory", "GB/s", "TFLOPS/TOPS", "cc")
+SOFTWARE = ("name", "min runtime", "precisions", "flavors")
+NUMERIC = ("memory", "GB/s", "TFLOPS/TOPS")
 
 
 @main.command()
@@ -39,23 +50,20 @@ def targets(profile: str | None, as_json: bool) -> None:
     if as_json:
         _emit_json({"targets": [t.to_dict() for t in shown]})
         return
-    table = Table(caption=TARGETS_NOTE, caption_justify="left")
-    for column in COLUMNS:
-        table.add_column(column, justify="right" if column in NUMERIC else "left", no_wrap=column in ("name", *NUMERIC))
+    hardware, software = Table(**COMPACT_TABLE), Table(caption=TARGETS_NOTE, caption_justify="left", **COMPACT_TABLE)
+    for table, columns in ((hardware, HARDWARE), (software, SOFTWARE)):
+        for column in columns:
+            lists = column in ("aliases", "precisions", "flavors")  # these wrap between items
+            table.add_column(column, justify="right" if column in NUMERIC else "left", no_wrap=not lists)
     for t in shown:
-        table.add_row(
-            t.name,
-            ", ".join(t.aliases),
-            _bytes(t.memory_bytes),
-            f"{t.bandwidth_gbs:g} GB/s",
-            f"{t.fp16_tflops:g} / {t.int8_tops:g}",
-            f"{t.runtime} {t.min_runtime_version}+",
-            " ".join(p + "*" if p == t.default_precision else p for p in t.precisions),
-            ", ".join(t.flavors),
-            t.compute_capability or "-",
-        )
+        hardware.add_row(t.name, ", ".join(t.aliases), _bytes(t.memory_bytes), f"{t.bandwidth_gbs:g}",
+                         f"{t.fp16_tflops:g} / {t.int8_tops:g}", t.compute_capability or "-")  # fmt: skip
+        software.add_row(t.name, f"{t.runtime} {t.min_runtime_version.removesuffix('.0')}",
+                         " ".join(p + "*" if p == t.default_precision else p for p in t.precisions), ", ".join(t.flavors))  # fmt: skip
     console = Console()
-    console.print(table)
+    console.print(hardware)
+    console.print()
+    console.print(software)
     if profile:
         t = shown[0]
         for label, text in (("description", t.description), ("note", t.note), ("sources", t.sources), ("file", t.path)):
@@ -64,9 +72,11 @@ def targets(profile: str | None, as_json: bool) -> None:
 
 
 PLAN_NOTE = (
-    "weights: one graph (a bundle holds step + prefill). peak: both graphs resident, the states, a "
-    "{prefill}-token prefill chunk and the runtime. decode: bandwidth roofline at batch 1 with the target's "
-    "efficiency factor, a prediction, not a measurement."
+    "Sizes in MiB. a..b: Mix'n'Match, the first half of the layers at width a, the rest at b "
+    "(--json gives the per-layer widths). weights: one graph (a bundle holds step + prefill). state: per stream. "
+    "peak: a Python process streaming the bundle with onnxruntime, a {prefill}-token prompt included "
+    "(what `edgeseq bench` measures). ms/tok: bandwidth roofline at batch 1 with the target's efficiency "
+    "factor, a prediction, not a measurement."
 )
 
 
@@ -88,6 +98,7 @@ def plan(model, target, memory_budget, min_tokens_per_s, streams, as_json):
       edgeseq plan --target raspberry-pi-5
       edgeseq plan hybrid-tiny --target jetson --memory-budget 64MiB --json
     """
+    require_toolchain("plan")  # the model's config comes through the checkpoint loaders, which are torch
     from edgeseq.errors import EdgeseqError
     from edgeseq.targets import get_target, parse_bytes
     from edgeseq.targets.plan import PREFILL_TOKENS, NoFitError, choose
@@ -110,16 +121,17 @@ def plan(model, target, memory_budget, min_tokens_per_s, streams, as_json):
                     "choice": {"row": choice.row.to_dict(), "reasons": list(choice.reasons)} if choice else None,
                     "no_fit": why_not})
         return
-    table = Table(title=f"{model} on {t.name}: {_bytes(budget)} for the model, {t.bandwidth_gbs:g} GB/s",
-                  caption=PLAN_NOTE.format(prefill=PREFILL_TOKENS), caption_justify="left")
-    for column in ("width", "kind", "precision", "params", "weights", "state/stream", "peak", "decode ms", "tok/s", "fits"):
-        table.add_column(column, justify="left" if column in ("width", "kind", "precision", "fits") else "right")
+    console = Console()
+    console.print(f"{escape(model)} on {t.name}: {_bytes(budget)} for the model, {t.bandwidth_gbs:g} GB/s",
+                  highlight=False)  # fmt: skip
+    table = Table(caption=PLAN_NOTE.format(prefill=PREFILL_TOKENS), caption_justify="left", **COMPACT_TABLE)
+    for column in ("width", "prec", "params", "weights", "state", "peak", "ms/tok", "tok/s", "fits"):
+        table.add_column(column, justify="left" if column in ("width", "prec", "fits") else "right", no_wrap=True)
     for r in rows:
         mark = "yes" if r.fits and r.fast_enough else ("too slow" if r.fits else "no")
         style = "bold green" if choice and r == choice.row else ("dim" if mark != "yes" else None)
-        table.add_row(r.width, r.kind, r.precision, _count(r.params), _bytes(r.weight_bytes), _bytes(r.state_bytes),
-                      _bytes(r.peak_bytes), f"{r.decode_ms:.3f}", f"{r.tokens_per_s:,.0f}", mark, style=style)
-    console = Console()
+        table.add_row(_short_width(r.width), r.precision, _count(r.params), _mib(r.weight_bytes), _mib(r.state_bytes),
+                      _mib(r.peak_bytes), f"{r.decode_ms:.3f}", f"{r.tokens_per_s:,.0f}", mark, style=style)  # fmt: skip
     console.print(table)
     if choice:
         console.print(f"[bold green]export would pick[/] width {escape(choice.row.width)} at {choice.row.precision}:")
@@ -127,3 +139,13 @@ def plan(model, target, memory_budget, min_tokens_per_s, streams, as_json):
             console.print(f"  - {escape(reason)}", highlight=False)
     else:
         console.print(f"[red]nothing fits[/]: {escape(why_not)}", highlight=False)
+
+
+def _short_width(spec: str) -> str:
+    """A width as the plan table shows it: a per-layer list (Mix'n'Match) as "first..last"."""
+    parts = spec.split(",")
+    return spec if len(parts) == 1 else f"{parts[0]}..{parts[-1]}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,14 +35,13 @@ def _time_session(session, steps: int, prompt: np.ndarray) -> dict:
 
 def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: int) -> dict:
     from edgeseq.data import load_sample
-    from edgeseq.deploy.run import open_session
+    from edgeseq.runtimes.session import StreamingSession
 
     prompt = load_sample()[:prompt_len]
     if runtime == "torch":
         import torch
 
         from edgeseq.deploy.validation import reference_model
-        from edgeseq.runtimes.session import StreamingSession
         from edgeseq.runtimes.torch_runner import TorchRunner
 
         torch.set_num_threads(threads)
@@ -51,10 +51,22 @@ def _bench_one(bundle: str, runtime: str, steps: int, prompt_len: int, threads: 
         prefill.activate()
         session = StreamingSession(step, prefill)
     else:
-        session, _, _ = open_session(Path(bundle), runtime.split(":")[1], threads)
+        session = StreamingSession.from_bundle(bundle, runtime.split(":")[1], threads=threads)
     row = {"runtime": runtime, **_time_session(session, steps, prompt)}
-    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row["peak_rss_bytes"] = peak_rss_bytes()
     return row
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set size. Not Linux's ru_maxrss, which a process
+    started by fork and exec (a spawned bench process) inherits from its parent: /proc's
+    VmHWM belongs to the address space; ru_maxrss only where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def bench_bundle(bundle: Path, steps: int, prompt_len: int, threads: int, only: list[str] | None = None) -> list[dict]:

@@ -30,6 +30,7 @@ from edgeseq.deploy.bundle import device_readme, not_a_bundle, read_manifest, wr
 from edgeseq.deploy.runtimes import runnable_here, why_not_here
 from edgeseq.deploy.validation import ValidationFailedError, reference_model, resolve_device, validate_flavor
 from edgeseq.errors import EdgeseqError
+from edgeseq.export import compat
 from edgeseq.export.graphs import SPLIT_K, build_graph
 from edgeseq.export.quantize import QuantOptions, quantize_graph
 from edgeseq.export.spec import graph_io
@@ -100,7 +101,8 @@ def _check_supported(target: Target, precision: str) -> None:
 
 
 def quant_options(target: Target, precision: str, block_size: int = 32) -> QuantOptions:
-    return QuantOptions(precision, int8_preset=target.int8_preset, block_size=block_size)
+    """The form of ``precision`` the target's runtime parses (``edgeseq.export.compat``)."""
+    return compat.quant_options(target, precision, block_size)
 
 
 def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail: None) -> dict[str, Any]:
@@ -108,6 +110,7 @@ def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail:
     taken before any work (a path that cannot be written, or anything but a bundle under
     ``--overwrite``, is refused at once); nothing appears there unless every stage passes."""
     target: Target = get_target(req.target)
+    compat.check_target(target, req.precision, [req.flavor] if req.flavor else list(target.flavors), req.int4_block_size)
     with bundle_dir(req.output, req.overwrite) as tmp:
         return _export(req, target, tmp, progress)
 
@@ -126,6 +129,7 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
     if req.width is not None:
         resolve(full.config, req.width)  # a width that cannot be honoured fails here, before sizing
     chosen = plan_export(full.config, target, req)
+    options = quant_options(target, chosen.precision, req.int4_block_size)  # a form the runtime parses, or refused
     for reason in chosen.reasons:
         progress("plan", reason)
     exact = exact_width(full.config, chosen.width)  # "7/24 = 0.2917" where 0.3 was asked
@@ -137,7 +141,6 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
     progress("extract", f"width {label}")
     model = extract(full, chosen.width).float().eval()
     flavors = [req.flavor] if req.flavor else list(target.flavors)
-    options = quant_options(target, chosen.precision, req.int4_block_size)
     graphs = {}
     for flavor in flavors:
         progress("export", flavor)
@@ -146,6 +149,7 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
         if chosen.precision != "fp32":
             progress("quantize", f"{flavor}: {options.describe()}")
             graphs[flavor] = {kind: quantize_graph(g, options) for kind, g in graphs[flavor].items()}
+        compat.check_graphs(target, flavor, graphs[flavor])
     source = {
         "model": req.model if req.model is None or not Path(req.model).exists() else str(Path(req.model).resolve()),
         "name": metadata.get("name"), "width": label, "weights_sha256": weights_digest(full),
@@ -189,8 +193,9 @@ def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: d
                 validation["not_run"][flavor] = why_not_here(flavor)
                 continue
             progress("validate", f"{flavor} at {precision} against the {device} reference (drift: fp64)")
+            calls = getattr(progress, "calls", None)  # a display that can draw a bar of graph calls
             result = validate_flavor(tmp, manifest, model, flavor, req.steps, req.long_steps, req.prompts,
-                                     device, req.threads, req.heldout)
+                                     device, req.threads, req.heldout, progress=calls(flavor) if calls else None)
             (tmp / "validation").mkdir(exist_ok=True)
             write_report(result.compare, tmp / "validation" / f"{flavor}.json")
             plot_drift(result.compare, tmp / "validation" / f"{flavor}_drift.png")
@@ -217,13 +222,15 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
         raise EdgeseqError(f"{source} holds {manifest['precision']} graphs; quantize the fp32 bundle it came from")
     target = get_target(manifest["target"]["name"])
     _check_supported(target, precision)
+    compat.check_flavors(target, manifest["flavors"])
+    options = quant_options(target, precision, block_size)
     with bundle_dir(output, overwrite) as tmp:
-        options = quant_options(target, precision, block_size)
         model, device = reference_model(source, manifest, device, reference)
         graphs = {}
         for flavor in manifest["flavors"]:  # rebuilt from the reference: the fp32 graphs' blocked sums hide the matrices
             progress("quantize", f"{flavor}: {options.describe()}")
             graphs[flavor] = {kind: quantize_graph(build_graph(model, kind, flavor), options) for kind in ("step", "prefill")}
+            compat.check_graphs(target, flavor, graphs[flavor])
         new = {k: v for k, v in manifest.items() if k not in ("files", "schema_version", "validation", "graphs")}
         new |= {"precision": precision, "quantization": options.describe(), "quantized_from": str(source)}
         new["reference"] = {k: v for k, v in manifest["reference"].items() if k != "embedded"}

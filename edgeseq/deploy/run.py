@@ -1,7 +1,7 @@
 """Streaming text from a bundle, without PyTorch (``edgeseq run``).
 
-The runners come from ``edgeseq.deploy.runtimes``: the runtime that streams the flavor
-here, on the execution providers and threads of the bundle's target profile."""
+The bundle is opened by ``StreamingSession.from_bundle``: the runtime that streams the
+flavor here, on the execution providers and threads of the bundle's target profile."""
 
 from __future__ import annotations
 
@@ -13,30 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeseq.data import EOS, text_to_ids
-from edgeseq.deploy.bundle import BundleError, read_manifest
-from edgeseq.deploy.runtimes import Placement, open_runner, runnable_here
-from edgeseq.export.spec import GraphIO
-
-
-def open_session(bundle: Path, flavor: str | None = None, threads: int | None = None):
-    """(StreamingSession over the bundle's graphs, flavor, step runner). ``threads``
-    overrides the target profile's (0: the runtime's default, all cores)."""
-    from edgeseq.runtimes.session import StreamingSession
-
-    manifest = read_manifest(bundle)
-    if manifest["config"]["vocab_size"] <= EOS:
-        raise BundleError(f"{bundle} holds a model of {manifest['config']['vocab_size']} tokens, not bytes; "
-                          "edgeseq run streams text from byte-level models only")
-    runnable = [f for f in manifest["flavors"] if runnable_here(f)]
-    flavor = flavor or (runnable[0] if runnable else None)
-    if flavor not in runnable:
-        raise BundleError(f"no runtime here runs flavor {flavor!r}; the bundle's runnable flavors: {runnable}")
-    placement = Placement.of_target(manifest.get("target", {}), threads)
-    ios = {k: GraphIO.from_dict(manifest["io"][k]) for k in ("step", "prefill")}
-    step, prefill = (open_runner(bundle, manifest, flavor, kind, placement) for kind in ("step", "prefill"))
-    step.activate()
-    prefill.activate()
-    return StreamingSession(step, prefill, ios["step"]), flavor, step
+from edgeseq.deploy.bundle import BundleError
+from edgeseq.runtimes.session import StreamingSession
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
@@ -49,9 +27,26 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Ge
     return int(rng.choice(z.size, p=p / p.sum()))
 
 
-def stream_text(bundle: Path, prompt: str, n: int, temperature: float, top_k: int, seed, flavor, threads,
-                emit: Callable[[str], None]) -> dict:
-    session, flavor, step = open_session(Path(bundle), flavor, threads)
+def stream_text(
+    bundle: Path,
+    prompt: str,
+    n: int,
+    temperature: float,
+    top_k: int,
+    seed,
+    flavor,
+    threads,
+    emit: Callable[[str], None],
+) -> dict:
+    with StreamingSession.from_bundle(bundle, flavor, threads=threads) as session:
+        if session.vocab_size is None or session.vocab_size <= EOS:
+            raise BundleError(f"{bundle} holds a model of {session.vocab_size} tokens, not bytes; "
+                              "edgeseq run streams text from byte-level models only")  # fmt: skip
+        return _stream(session, prompt, n, temperature, top_k, seed, emit)
+
+
+def _stream(session: StreamingSession, prompt: str, n: int, temperature: float, top_k: int, seed,
+            emit: Callable[[str], None]) -> dict:  # fmt: skip
     rng = np.random.default_rng(seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     emit(prompt)
@@ -67,5 +62,9 @@ def stream_text(bundle: Path, prompt: str, n: int, temperature: float, top_k: in
         logits = session.step(token)
     emit(decoder.decode(b"", final=True))
     seconds = time.perf_counter() - t0
-    return {"new_tokens": produced, "tokens_per_s": produced / seconds if seconds else float("nan"),
-            "flavor": flavor, "providers": ",".join(step.providers_used)}
+    return {
+        "new_tokens": produced,
+        "tokens_per_s": produced / seconds if seconds else float("nan"),
+        "flavor": session.flavor,
+        "providers": ",".join(session.step_runner.providers_used),
+    }

@@ -4,14 +4,14 @@
     portable   onnxruntime, tensorrt (engine)             onnxruntime / tensorrt importable
     opset27    onnxruntime (>= 1.32)                      onnxruntime importable
     tensorrt   tensorrt (engine, edgeseq's AOT plugins),  tensorrt importable
-               onnxruntime-plugins (plugin nodes as       onnxruntime_extensions importable
-               custom ops, the kernels' CPU twins)
+               onnxruntime-plugins (plugin nodes as       onnxruntime_extensions and torch
+               custom ops, the kernels' CPU twins)        importable (the ``export`` extra)
 
 A bundle's target profile names the onnxruntime execution providers to ask for and the
 CPU threads to use on the device; ``open_runner`` passes both to the runner it builds
 (a provider this onnxruntime lacks is left out, so a Jetson bundle validated on an x86
-CPU runs on CPUExecutionProvider here). Validation, ``run`` and ``bench`` all get their
-runners from here. Torch-free.
+CPU runs on CPUExecutionProvider here). Validation, ``StreamingSession.from_bundle`` (so
+``run`` and ``bench``) get their runners from here. Torch-free.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Runtime:
 
 RUNTIME_TABLE = (
     Runtime("onnxruntime", ("portable", "opset27"), ("onnxruntime",), "pip install onnxruntime"),
-    Runtime("onnxruntime-plugins", ("tensorrt",), ("onnxruntime", "onnxruntime_extensions"),
+    Runtime("onnxruntime-plugins", ("tensorrt",), ("onnxruntime", "onnxruntime_extensions", "torch"),
             "pip install 'edgeseq[export]'", plugins="reference"),
     Runtime("tensorrt", ("tensorrt", "portable"), ("tensorrt",), "TensorRT >= 10.9 (JetPack 7 on Jetson)",
             streams=False),
@@ -65,6 +65,23 @@ def why_not_here(flavor: str) -> str:
     if not options:
         return f"no runtime streams {flavor!r} graphs"
     return f"needs {' or '.join(r.name for r in options)}: {'; or '.join(r.install for r in options)}"
+
+
+def streamed_flavor(manifest: dict, flavor: str | None = None) -> str:
+    """``flavor``, or the first of a bundle's flavors that a runtime here streams; a
+    BundleError that says what to install when it does not run here."""
+    flavors = manifest.get("flavors") or []
+    if not flavors:
+        raise BundleError("the bundle's manifest lists no graph flavors; re-export it")
+    if flavor is not None and flavor not in flavors:
+        raise BundleError(f"the bundle has no {flavor} graphs; it carries {flavors}")
+    runnable = [f for f in flavors if runnable_here(f)]
+    if flavor is None and not runnable:
+        why = "; ".join(f"{f} {why_not_here(f)}" for f in flavors)
+        raise BundleError(f"no graph flavor of the bundle runs here: {why}")
+    if flavor is not None and flavor not in runnable:
+        raise BundleError(f"cannot run the {flavor} graphs here: {why_not_here(flavor)}")
+    return flavor or runnable[0]
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,10 @@ def open_runner(root: Path, manifest: dict, flavor: str, kind: str, placement: P
     if runtime is None or flavor not in runtime.flavors:
         raise BundleError(f"cannot run the {flavor} graphs here: {why_not_here(flavor)}")
     placement = placement or Placement.of_target(manifest.get("target", {}))
-    io = GraphIO.from_dict(manifest["io"][kind])
+    try:
+        io = GraphIO.from_dict(manifest["io"][kind])
+    except (KeyError, TypeError, ValueError):  # a manifest edited by hand
+        raise BundleError(f"the manifest's I/O of the {kind} graph is missing or damaged; re-export") from None
     from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(graph_path(root, manifest, flavor, kind), providers=placement.available_providers(),

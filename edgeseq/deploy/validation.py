@@ -4,13 +4,13 @@
 ``edgeseq validate BUNDLE`` runs afterwards: the PyTorch reference (fp32) against one
 flavor's step and prefill graphs on held-out prompts, decode steps and a long stream,
 the long stream also against an fp64 run of the same model (the judge of drift), and the
-held-out gate. ``run_validation`` is the ``validate`` command; its ``--golden`` path
-imports no PyTorch. ``load_runners`` is what ``edgeseq.testing.assert_bundle_parity``
-uses.
+held-out gate. ``run_validation`` is the ``validate`` command and what
+``edgeseq.testing.assert_bundle_parity`` runs; its ``--golden`` path imports no PyTorch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,14 +128,19 @@ class FlavorValidation:
                 "heldout": self.heldout.to_dict() if self.heldout is not None else {"skipped": self.heldout_skipped}}  # fmt: skip
 
 
+CallProgress = Callable[[int, int], None]  # (candidate calls made, calls expected)
+
+
 def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int, long_steps: int, prompts: int,
                     device: str, threads: int | None = None, heldout: tuple[int, int] | None = (16, 512),
-                    oracle: bool = True) -> FlavorValidation:  # fmt: skip
-    """Compare the bundle's graphs of one flavor with the reference, judge the long stream's
-    drift against fp64 (``oracle``), and judge held-out bits per byte, top-1 and KL
-    (``heldout`` = streams x tokens; None skips it). Candidate runners come from
-    ``edgeseq.deploy.runtimes``, placed on the target's execution providers; ``threads``
-    (None: all cores) is this machine's, not the target's."""
+                    oracle: bool = True, progress: CallProgress | None = None) -> FlavorValidation:  # fmt: skip
+    """Judge one flavor's step AND prefill graphs against the reference: prompts through
+    prefill (last logits, every state handed on), the prefill graph against the step graph
+    (handoff), decode steps, the long stream's drift against fp64 (``oracle``), and the
+    held-out gate (``heldout`` = streams x tokens; None skips it), fed prompt, decode,
+    prompt, decode. Candidate runners come from ``edgeseq.deploy.runtimes``, placed on the
+    target's execution providers; ``threads`` (None: all cores) is this machine's.
+    ``progress(done, total)`` is called after every candidate call."""
     from edgeseq.data import PAD
     from edgeseq.runtimes.torch_runner import TorchRunner
     from edgeseq.validate import compare
@@ -146,6 +151,12 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
     limit = model.config.stream_limit()
     if limit is not None:
         steps, long_steps = min(steps, limit), min(long_steps, limit)
+    if heldout is not None and model.config.vocab_size <= PAD:
+        heldout, skipped = None, "the model's vocabulary is not bytes"
+    else:
+        skipped = "not asked" if heldout is None else None
+    if heldout is not None and limit is not None:  # a window of tokens + 1 bytes must fit a global attention cache
+        heldout = (heldout[0], min(heldout[1], limit - 1))
     placement = Placement.of_target(manifest.get("target", {}), threads or 0)  # this machine's threads
     ref_step, cand_step, ref_pre, cand_pre = (
         TorchRunner(model, "step", device=device),
@@ -155,28 +166,48 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
     )
     fp64 = _oracle_runner(model) if oracle and long_steps else None
     runners = [r for r in (ref_step, cand_step, ref_pre, cand_pre, fp64) if r is not None]
+    chosen = validation_prompts(model.config, prompts)
+    if progress is not None:
+        _count_calls(progress, (cand_step, cand_pre), expected_calls(chosen, steps, long_steps, heldout))
     for r in runners:
         r.activate()
     try:
         result = compare(
-            ref_step, cand_step, step_io, tolerance=precision,
-            prompts=validation_prompts(model.config, prompts), tokens=stream_start(model.config),
+            ref_step, cand_step, step_io, tolerance=precision, prompts=chosen, tokens=stream_start(model.config),
             steps=steps, long_steps=long_steps, prefill=(ref_pre, cand_pre, prefill_io),
             reference_device=f"{device}:{device_name(device)}", oracle=fp64,
         )  # fmt: skip
         if heldout is None:
-            return FlavorValidation(result, heldout_skipped="not asked")
+            return FlavorValidation(result, heldout_skipped=skipped)
         if not result:  # the verdict is already no; the gate would only cost time
             return FlavorValidation(result, heldout_skipped="the comparison failed")
-        if model.config.vocab_size <= PAD:
-            return FlavorValidation(result, heldout_skipped="the model's vocabulary is not bytes")
-        streams, tokens = heldout
-        if limit is not None:  # a window of tokens + 1 bytes must fit a global attention cache
-            tokens = min(tokens, limit - 1)
-        return FlavorValidation(result, heldout_gate(ref_step, cand_step, step_io, precision, streams, tokens))
+        gate = heldout_gate(ref_step, cand_step, step_io, precision, *heldout, prefill=(ref_pre, cand_pre, prefill_io))
+        return FlavorValidation(result, gate)
     finally:
         for r in runners:
             r.deactivate()
+
+
+def expected_calls(prompts: list[np.ndarray], steps: int, long_steps: int, heldout: tuple[int, int] | None) -> int:
+    """Candidate graph calls ``validate_flavor`` makes when everything passes: each prompt
+    through prefill, through prefill and step again (handoff), the streams, the gate."""
+    from edgeseq.validate.heldout import feeding_plan
+
+    handoff = sum(p.shape[1] + 1 for p in prompts)
+    gate = 0 if heldout is None else sum(1 if k == "prefill" else b - a for k, a, b in feeding_plan(heldout[1], True))
+    return len(prompts) + handoff + steps + long_steps + gate
+
+
+def _count_calls(progress: CallProgress, runners, total: int) -> None:
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        progress(min(done, total), total)
+
+    for r in runners:
+        r.watch(tick)
 
 
 def _oracle_runner(model):
@@ -201,7 +232,11 @@ def _write_outputs(result, flavor: str, report: Path | None, plot: Path | None, 
 
 
 def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden,
-                   reference: str | None = None) -> dict:  # fmt: skip
+                   reference: str | None = None, heldout: tuple[int, int] | None = (16, 512),
+                   progress: Callable[[str], CallProgress] | None = None) -> dict:  # fmt: skip
+    """``edgeseq validate`` and ``edgeseq.testing.assert_bundle_parity``: every flavor that
+    runs here, against the golden file or with ``validate_flavor``; ``progress(flavor)``
+    gives each flavor's call counter. Returns the outcome ``--json`` prints."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     flavors = [flavor] if flavor else manifest["flavors"]
@@ -215,27 +250,33 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
 
         outcome["reference"] = f"golden file {golden}"
         for f in runnable:
-            with open_runner(bundle, manifest, f, "step", placement) as cand:
-                result = compare_golden(cand, golden, tolerance=precision)
+            with open_runner(bundle, manifest, f, "step", placement) as cand, \
+                    open_runner(bundle, manifest, f, "prefill", placement) as cand_pre:  # fmt: skip
+                result = compare_golden(cand, golden, tolerance=precision, prefill_candidate=cand_pre)
             _record(outcome, f, result, result)
             _write_outputs(result, f, report, plot, len(runnable) > 1)
         return outcome
     model, device = reference_model(bundle, manifest, device, reference)
     outcome["reference"] = f"PyTorch fp32 on {device}; drift judged against fp64 on the CPU"
-    if save_golden:
-        from edgeseq.export.spec import graph_io
+    if save_golden:  # what validate_flavor's comparison runs, kept small (edgeseq.validate.golden)
+        from contextlib import nullcontext
+
         from edgeseq.runtimes.torch_runner import TorchRunner
         from edgeseq.validate import record_golden
         from edgeseq.validate import save_golden as write_golden
 
-        with TorchRunner(model, "step", device=device) as ref:
-            g = record_golden(ref, graph_io(model.config, "step"), prompts=validation_prompts(model.config, 4),
-                              steps=min(steps, model.config.stream_limit() or steps),
-                              info={"bundle": str(bundle), "device": device})  # fmt: skip
+        limit = model.config.stream_limit() or max(steps, long_steps)
+        step_io, prefill_io = (GraphIO.from_dict(manifest["io"][k]) for k in ("step", "prefill"))
+        with TorchRunner(model, "step", device=device) as ref, TorchRunner(model, "prefill", device=device) as pre, \
+                (_oracle_runner(model) if long_steps else nullcontext()) as fp64:  # fmt: skip
+            g = record_golden(ref, step_io, prompts=validation_prompts(model.config, 4), tokens=stream_start(model.config),
+                              steps=min(steps, limit), long_steps=min(long_steps, limit), prefill=(pre, prefill_io),
+                              oracle=fp64, info={"bundle": str(bundle), "device": device})  # fmt: skip
         write_golden(save_golden, g, overwrite=True)
         outcome["golden"] = str(save_golden)
     for f in runnable:
-        result = validate_flavor(bundle, manifest, model, f, steps, long_steps, 4, device)
+        result = validate_flavor(bundle, manifest, model, f, steps, long_steps, 4, device, heldout=heldout,
+                                 progress=progress(f) if progress else None)  # fmt: skip
         _record(outcome, f, result, result.compare, result.to_dict()["heldout"])
         _write_outputs(result.compare, f, report, plot, len(runnable) > 1)
     return outcome
@@ -247,19 +288,3 @@ def _record(outcome: dict, flavor: str, verdict, compared, heldout: dict | None 
     entry = {"passed": bool(verdict), "summary": verdict.summary(), "result": compared.to_dict()}
     outcome["flavors"][flavor] = entry | ({"heldout": heldout} if heldout is not None else {})
     outcome["passed"] &= bool(verdict)
-
-
-# ---- users' CI ---------------------------------------------------------------------------
-def load_runners(root: str | Path, flavor: str | None = None, device: str = "auto"):
-    """(reference runner, candidate runner, step io, precision) for a bundle: the PyTorch
-    reference rebuilt from the source model (or ``reference/``) and the flavor's step graph
-    on the runtime that runs it here. ``edgeseq.testing.assert_bundle_parity`` uses this."""
-    from edgeseq.runtimes.torch_runner import TorchRunner
-
-    root = Path(root)
-    manifest = read_manifest(root)
-    flavor = flavor or next((f for f in manifest["flavors"] if runnable_here(f)), manifest["flavors"][0])
-    model, device = reference_model(root, manifest, device)
-    candidate = open_runner(root, manifest, flavor, "step", Placement.of_target(manifest.get("target", {}), 0))
-    io = GraphIO.from_dict(manifest["io"]["step"])
-    return TorchRunner(model, "step", device=device), candidate, io, manifest["precision"]

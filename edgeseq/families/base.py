@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from edgeseq.atomic import atomic_dir
 from edgeseq.choices import FORMATS, WRITABLE_FORMATS
 from edgeseq.config import ModelConfig
-from edgeseq.errors import CheckpointError, UnknownFormatError
+from edgeseq.errors import CheckpointError, UnknownFormatError, UsageError
 from edgeseq.model import NestedLM
 
 FAMILIES: dict[str, type[Family]] = {}
@@ -32,9 +32,9 @@ def register(cls: type[Family]) -> type[Family]:
     """Add a family. The CLI offers ``choices.FORMATS`` without importing the families (so
     ``edgeseq run`` stays torch-free); a family that list does not name is refused."""
     if cls.name not in FORMATS:
-        raise ValueError(f"family {cls.name!r} is not in edgeseq.choices.FORMATS {FORMATS}; add it there")
+        raise UsageError(f"family {cls.name!r} is not in edgeseq.choices.FORMATS {FORMATS}; add it there")
     if cls.writable != (cls.name in WRITABLE_FORMATS):
-        raise ValueError(
+        raise UsageError(
             f"family {cls.name!r} has writable={cls.writable} but edgeseq.choices.WRITABLE_FORMATS is "
             f"{WRITABLE_FORMATS}; make them agree"
         )

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgeseq.errors import ConfigError
+from edgeseq.errors import ConfigError, UsageError
 
 Index = dict[str, tuple[int, np.ndarray]]  # parameter or state name -> (axis, kept indices along it)
 
@@ -147,7 +147,7 @@ def register(kind: LayerKind | type[LayerKind]) -> LayerKind:
     Re-registering a name replaces the kind (tests register their own)."""
     kind = kind() if isinstance(kind, type) else kind
     if kind.role not in ("mixer", "mlp"):
-        raise ValueError(f"layer kind {kind.name!r} has role {kind.role!r}; use 'mixer' or 'mlp'")
+        raise UsageError(f"layer kind {kind.name!r} has role {kind.role!r}; use 'mixer' or 'mlp'")
     KINDS[kind.name] = kind
     return kind
 

@@ -2,7 +2,11 @@
 compare every output at every call.
 
     prefill      each prompt from the zero state: one call when the graph takes the whole
-                 prompt, else token by token with the state fed back
+                 prompt, else token by token with the state fed back; the last logits and
+                 every state handed on are judged
+    handoff      given separate prefill graphs: the candidate's prefill graph against the
+                 candidate's own step graph fed each prompt token by token (the state a
+                 prompt leaves must not depend on which graph took it)
     decode       N steps from the zero state, every output compared at every step
     long_stream  one decode stream of LONG_STEPS steps, judged on drift: against the fp64
                  oracle when one is given (``export.spec.drift_within``), else against
@@ -33,6 +37,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edgeseq.errors import UsageError
 from edgeseq.export.spec import BATCH, GraphIO, Tolerance
 from edgeseq.validate.results import (  # noqa: F401  (re-exported: one import site for users)
     LOGITS,
@@ -69,7 +74,7 @@ def token_input(io: GraphIO) -> str:
     state = {p for p, _ in io.state_pairs}
     rest = [t.name for t in io.inputs if t.name not in state]
     if len(rest) != 1:
-        raise ValueError(f"expected one token input besides the state, found {rest}")
+        raise UsageError(f"expected one token input besides the state, found {rest}")
     return rest[0]
 
 
@@ -80,7 +85,7 @@ def zero_state(io: GraphIO, batch: int = 1) -> Feeds:
     for name, _ in io.state_pairs:
         shape = tuple(batch if d == BATCH else d for d in specs[name].shape)
         if any(isinstance(d, str) for d in shape):
-            raise ValueError(f"state input {name} has a dynamic axis besides batch: {specs[name].shape}")
+            raise UsageError(f"state input {name} has a dynamic axis besides batch: {specs[name].shape}")
         state[name] = np.zeros(shape, dtype=specs[name].dtype)
     return state
 
@@ -88,7 +93,7 @@ def zero_state(io: GraphIO, batch: int = 1) -> Feeds:
 def vocab_size(io: GraphIO, logits: str = LOGITS) -> int:
     (spec,) = [t for t in io.outputs if t.name == logits]
     if not isinstance(spec.shape[-1], int):
-        raise ValueError(f"{logits} has a dynamic vocabulary axis; pass prompts and tokens explicitly")  # noqa: TRY004
+        raise UsageError(f"{logits} has a dynamic vocabulary axis; pass prompts and tokens explicitly")
     return spec.shape[-1]
 
 
@@ -105,7 +110,7 @@ def takes_whole_prompt(io: GraphIO, length: int) -> bool:
         return True
     if axis == 1:
         return False
-    raise ValueError(f"a prompt of {length} tokens fits neither this graph's {axis} tokens per call nor a step")
+    raise UsageError(f"a prompt of {length} tokens fits neither this graph's {axis} tokens per call nor a step")
 
 
 def as_tokens(tokens: np.ndarray) -> np.ndarray:
@@ -232,6 +237,31 @@ def compare_prefill(
     return comparison.result(tol, state_rel_l2=state_rel_l2)
 
 
+def compare_handoff(
+    prefill: Runner,
+    step: Runner,
+    prefill_io: GraphIO,
+    step_io: GraphIO,
+    prompts: Sequence[np.ndarray],
+    *,
+    tolerance: Tolerance | str = "fp32",
+) -> PhaseResult:
+    """Each prompt from the zero state through ``prefill`` in one call and through ``step``
+    token by token; the prefill call's outputs (last logits, every state) are compared with
+    the step graph's after the prompt's last token, at ``tolerance.handoff()``: two graphs
+    of one bundle, at one precision, should hand decode the same state."""
+    _, tol = resolve_tolerance(tolerance)
+    comparison = Comparison("handoff", _names(prefill_io))
+    ids = token_input(prefill_io)
+    for prompt in map(as_tokens, prompts):
+        calls: list[Record] = []
+        run_stream(step, None, step_io, prompt.shape[1], tokens=prompt, record=calls)
+        whole = infer_arrays(prefill, {ids: prompt, **zero_state(prefill_io, prompt.shape[0])})
+        if not comparison.add(calls[-1][1], whole):
+            break
+    return comparison.result(tol.handoff())
+
+
 def compare_decode(
     reference: Runner,
     candidate: Runner,
@@ -303,7 +333,8 @@ def compare(
     oracle: Runner | None = None,
 ) -> CompareResult:
     """Every phase: prefill on ``prompts`` (random ones from ``seed`` when None; () skips
-    it), ``steps`` decode steps and a ``long_steps`` stream (0 skips either); both
+    it; with separate prefill graphs also the handoff from prefill to step graph),
+    ``steps`` decode steps and a ``long_steps`` stream (0 skips either); both
     streams start with ``tokens`` ([B, N]) when given, else a token drawn from ``seed``,
     and go on with the reference's argmax (the oracle's on the long stream, given one).
 
@@ -336,6 +367,8 @@ def compare(
         result.phases["prefill"] = compare_prefill(
             pre_ref, pre_cand, pre_io, prompts, tolerance=tol, state_rel_l2=state_rel_l2
         )
+        if prefill is not None and pre_cand is not candidate:
+            result.phases["handoff"] = compare_handoff(pre_cand, candidate, pre_io, io, prompts, tolerance=tol)
     if steps:
         result.phases["decode"] = compare_decode(
             reference, candidate, io, steps, tolerance=tol, tokens=tokens, seed=seed, state_rel_l2=state_rel_l2

@@ -1,11 +1,12 @@
-"""The held-out quality gate of quantized bundles: bits per byte, top-1, KL.
+"""The held-out quality gate: bits per byte, top-1, KL on text the model never saw.
 
 Quantization moves individual logits by design, so a quantized bundle is judged by what
-a user sees on text it never saw: does it still pick the same next byte (top-1), is its
-distribution close (KL), does it predict as well (bits per byte). Both the fp32 reference and the candidate decode the same
-``streams`` windows of the shipped held-out sample, ``tokens`` steps each, batched as one
-stream per batch row with the state fed back, so the two sides differ only by the
-runtime and its precision.
+a user sees on held-out text: does it still pick the same next byte (top-1), is its
+distribution close (KL), does it predict as well (bits per byte). The fp32 reference and
+the candidate take the same ``streams`` windows of the shipped held-out sample, batched
+as one stream per batch row, each side feeding back its own state, so the two differ only
+by the runtime and its precision. Given the prefill graphs too, each window is fed as an
+app feeds it (``feeding_plan``): prompts through prefill, the rest through decode steps.
 """
 
 from __future__ import annotations
@@ -72,23 +73,58 @@ def heldout_windows(streams: int = 16, tokens: int = 512, seed: int = 0) -> np.n
     return np.stack([sample[s : s + tokens + 1] for s in starts]).astype(np.int64)
 
 
-def heldout_gate(reference, candidate, io: GraphIO, precision: str, streams: int = 16, tokens: int = 512) -> HeldoutResult:
-    """Decode the same held-out windows through both step runners, one stream per batch
-    row, each side feeding back its own state; every next byte is scored on both."""
+def feeding_plan(tokens: int, prefill: bool) -> list[tuple[str, int, int]]:
+    """How each window of ``tokens`` inputs is fed, as (graph, start, end) segments.
+
+    With prefill graphs the gate runs as an app does: a prompt through the prefill graph,
+    decode steps from the state it hands over, a second prompt prefilled from decode's
+    state (a user's next turn), decode again:
+
+        | prefill 1/8 | decode 3/8 | prefill 1/8 | decode 3/8 |
+
+    Without, every input is a decode step."""
+    if not prefill or tokens < 8:
+        return [("step", 0, tokens)]
+    a, b, c = tokens // 8, tokens // 2, tokens // 2 + tokens // 8
+    return [("prefill", 0, a), ("step", a, b), ("prefill", b, c), ("step", c, tokens)]
+
+
+def heldout_gate(reference, candidate, io: GraphIO, precision: str, streams: int = 16, tokens: int = 512,
+                 prefill: tuple | None = None) -> HeldoutResult:  # fmt: skip
+    """Feed the same held-out windows through both sides, one stream per batch row, each
+    side feeding back its own state, and score every next byte a call predicts on both.
+
+    reference, candidate: step runners. prefill: (reference, candidate, io) prefill
+    runners; given, each window is fed per ``feeding_plan`` (prompt, decode, prompt,
+    decode), so the gate judges the prefill graphs and the state they hand to decode.
+    Each prefill call predicts one byte (the one after its prompt), each step one."""
     windows = heldout_windows(streams, tokens)
-    token, pairs = token_input(io), dict(io.state_pairs)
+    pairs = dict(io.state_pairs)
+    graphs = {"step": ((reference, candidate), io)}
+    if prefill is not None:
+        graphs["prefill"] = (prefill[:2], prefill[2])
     states = [zero_state(io, batch=streams), zero_state(io, batch=streams)]
-    nats, kl, hits = [0.0, 0.0], 0.0, 0
+    nats, kl, hits, n = [0.0, 0.0], 0.0, 0, 0
     rows = np.arange(streams)
-    for t in range(tokens):
+
+    def call(kind: str, ids: np.ndarray, target: np.ndarray) -> None:
+        nonlocal kl, hits, n
+        (runners, graph_io) = graphs[kind]
         logits = []
-        for side, runner in enumerate((reference, candidate)):
-            out = infer_arrays(runner, {token: windows[:, t : t + 1], **states[side]})
-            logits.append(out["logits"])  # [S, V]
-            nats[side] -= float(np.sum(log_softmax(out["logits"])[rows, windows[:, t + 1]]))
+        for side, runner in enumerate(runners):
+            out = infer_arrays(runner, {token_input(graph_io): ids, **states[side]})
+            last = out["logits"][:, -1] if out["logits"].ndim == 3 else out["logits"]  # [S, V]
+            logits.append(last)
+            nats[side] -= float(np.sum(log_softmax(last)[rows, target]))
             states[side] = {past: out[present] for past, present in pairs.items()}
         kl += float(np.sum(kl_per_row(*logits)))
         hits += int(np.count_nonzero(top1_matches(*logits)))
-    n = streams * tokens
-    return HeldoutResult(nats[0] / n / math.log(2), nats[1] / n / math.log(2), hits / n, kl / n, n, precision)
+        n += streams
 
+    for kind, start, end in feeding_plan(tokens, prefill is not None):
+        if kind == "prefill":
+            call(kind, windows[:, start:end], windows[:, end])
+        else:
+            for t in range(start, end):
+                call(kind, windows[:, t : t + 1], windows[:, t + 1])
+    return HeldoutResult(nats[0] / n / math.log(2), nats[1] / n / math.log(2), hits / n, kl / n, n, precision)

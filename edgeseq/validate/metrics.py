@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edgeseq.errors import UsageError
+
 
 @dataclass(frozen=True)
 class OutputStats:
@@ -84,7 +86,7 @@ class ErrorAccumulator:
         """Fold one call in; returns this call's max abs error."""
         reference, candidate = np.asarray(reference), np.asarray(candidate)
         if reference.shape != candidate.shape:
-            raise ValueError(f"{self.name}: shape {candidate.shape} != reference {reference.shape}")
+            raise UsageError(f"{self.name}: shape {candidate.shape} != reference {reference.shape}")
         r = reference.astype(np.float64, copy=False).reshape(-1)
         c = candidate.astype(np.float64, copy=False).reshape(-1)
         self.calls += 1

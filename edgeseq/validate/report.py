@@ -30,13 +30,17 @@ from edgeseq.errors import EdgeseqError
 from edgeseq.validate.results import CompareResult
 
 REPORT_FORMAT = "edgeseq.validate.report/1"
+# Readable in 80 columns: a rule under the header, no edges, one space between columns.
+TABLE = {"box": box.SIMPLE_HEAD, "collapse_padding": True, "pad_edge": False, "show_edge": False}
 
 
 class ReportError(EdgeseqError):
     """A report cannot be written or read."""
 
 
-def report_dict(result: CompareResult | Mapping, *, reference_device: str | None = None, extra: Mapping | None = None) -> dict:
+def report_dict(
+    result: CompareResult | Mapping, *, reference_device: str | None = None, extra: Mapping | None = None
+) -> dict:
     """The JSON-ready report of a result (or an already loaded report, returned as is)."""
     if not isinstance(result, CompareResult):
         return dict(result)
@@ -112,8 +116,9 @@ def print_report(result: CompareResult | Mapping, console: Console | None = None
     console.print(f"tolerance: {escape(tol)}")
     for phase, body in report["phases"].items():
         failing = {f["output"] for f in body["failures"]}
-        title = f"{phase}: {body['calls']} calls, judged on {', '.join(body['checks'])}"
-        table = Table("output", "max abs", "rel L2", "1-cos", "top-1", "KL", "", title=title, box=box.SIMPLE_HEAD)
+        console.print(f"[bold]{phase}[/]: {_calls(report, phase, body)}, judged on {', '.join(body['checks']) or 'nothing'}",
+                      highlight=False)  # fmt: skip
+        table = Table("output", "max abs", "rel L2", "1-cos", "top-1", "KL", "", **TABLE)
         table.columns[0].no_wrap = True
         for name, s in body["outputs"].items():
             status = "[red]FAIL[/]" if name in failing else "[green]ok[/]"
@@ -126,6 +131,13 @@ def print_report(result: CompareResult | Mapping, console: Console | None = None
             console.print(_oracle_line(body["oracle_drift"], report["runners"].get("oracle")))
     for f in report["failures"]:
         console.print(f"[red]x[/] {escape(f['message'])}")
+
+
+def _calls(report: Mapping, phase: str, body: Mapping) -> str:
+    """How many calls a phase made: "256 calls", or for a golden replay that kept a
+    stream's logits at some of its calls only, "4096 calls (256 compared)"."""
+    run = (report.get("settings") or {}).get("calls_run", {}).get(phase)
+    return f"{run} calls ({body['calls']} compared)" if run and run != body["calls"] else f"{body['calls']} calls"
 
 
 def _oracle_line(d: Mapping, oracle: Mapping | None) -> str:
@@ -141,7 +153,9 @@ def _oracle_line(d: Mapping, oracle: Mapping | None) -> str:
     )
 
 
-def plot_drift(result: CompareResult | Mapping, path: str | Path, *, phase: str = "long_stream", output: str = "logits") -> Path:
+def plot_drift(
+    result: CompareResult | Mapping, path: str | Path, *, phase: str = "long_stream", output: str = "logits"
+) -> Path:
     """PNG of the per-step max abs error of ``output`` over ``phase``, log y, with the
     limit it is judged against; written atomically. Exact zeros sit on a floor line.
     Where the phase ran beside an fp64 oracle, the logits' distances from fp64 of the
@@ -166,7 +180,9 @@ def plot_drift(result: CompareResult | Mapping, path: str | Path, *, phase: str 
     if fp64 is not None:  # the rule's limit, on |candidate - fp64|, replaces the tolerance's where it judges
         limit = _number(fp64["limit"]) if fp64["judged"] else None
         rule, value = fp64["rule"], _number(fp64["limit"])
-        limit_label = f"limit on |candidate - fp64|: max({rule['ratio']:g} x reference, {rule['floor']:g}) = {value:.3g}"
+        limit_label = (
+            f"limit on |candidate - fp64|: max({rule['ratio']:g} x reference, {rule['floor']:g}) = {value:.3g}"
+        )
     every = np.concatenate(list(lines.values()))
     positive = every[(every > 0) & np.isfinite(every)]
     floor = float(positive.min()) / 10 if positive.size else (limit or 1.0) * 1e-6
@@ -174,9 +190,11 @@ def plot_drift(result: CompareResult | Mapping, path: str | Path, *, phase: str 
     fig = Figure(figsize=(8, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    steps = (report.get("settings") or {}).get("series_steps", {}).get(phase)  # a golden replay's kept calls
     for label, series in lines.items():
         shown = np.where(np.isnan(series), np.inf, np.maximum(series, floor))
-        ax.plot(np.arange(series.size), np.minimum(shown, 1e30), lw=0.8, label=label)
+        x = np.asarray(steps) if steps is not None and len(steps) == series.size else np.arange(series.size)
+        ax.plot(x, np.minimum(shown, 1e30), lw=0.8, label=label)
     if limit is not None:  # quantized precisions are judged on top-1, KL and bits per byte instead
         ax.axhline(limit, color="tab:red", ls="--", lw=1, label=limit_label)
     ax.set_yscale("log")

@@ -7,11 +7,17 @@ driven to produce those outputs lives in ``edgeseq.validate.compare``, which re-
 everything here.
 
 What is judged, per phase (``PHASE_CHECKS``):
-  prefill, decode, golden:  logits max abs <= max_abs_logit, top-1 >= top1_agreement, KL <= kl
+  prefill:                  last logits max abs <= prefill_logit, top-1, KL; every state the
+                            prefill hands to decode: relative L2 <= prefill_state
+  handoff:                  the candidate's prefill graph against its own step graph fed the
+                            same prompt token by token: the same two checks, at the
+                            tolerance's ``handoff()`` limits (both sides at one precision)
+  decode:                   logits max abs <= max_abs_logit, top-1 >= top1_agreement, KL <= kl
   long_stream:              logits max abs <= drift, KL <= kl; with an fp64 oracle, drift
                             gives way to drift_fp64: the candidate's distance from fp64
                             within ``export.spec.drift_within`` of the fp32 reference's
-  held_out_only precisions: only top-1 on decode (held-out text is judged elsewhere)
+  held_out_only precisions: top-1 on decode, prefill_logit and prefill_state on prefill and
+                            handoff (held-out text is judged elsewhere)
   every phase:              every output present, shapes equal, no stray non-finite values,
                             integer outputs (present.position) exactly equal,
                             float states rel L2 <= state_rel_l2 when one is given
@@ -28,23 +34,28 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgeseq.errors import EdgeseqError
+from edgeseq.errors import EdgeseqError, UsageError
 from edgeseq.export.spec import DRIFT_FLOOR, DRIFT_RATIO, TOLERANCES, Tolerance
 from edgeseq.validate.drift import OracleDrift
 from edgeseq.validate.metrics import ErrorAccumulator, OutputStats, abs_error
 
 LOGITS = "logits"
 PHASE_CHECKS: dict[str, tuple[str, ...]] = {
-    "prefill": ("max_abs_logit", "top1_agreement", "kl"),
+    "prefill": ("prefill_logit", "top1_agreement", "kl", "prefill_state"),
+    "handoff": ("prefill_logit", "prefill_state"),
     "decode": ("max_abs_logit", "top1_agreement", "kl"),
-    "golden": ("max_abs_logit", "top1_agreement", "kl"),
     "long_stream": ("drift", "kl"),
 }
 # What a held_out_only tolerance (fp16, int8, int4) judges here; held-out text is judged
 # by edgeseq.validate.heldout, everything else is reported.
-HELD_OUT_ONLY_CHECKS: dict[str, tuple[str, ...]] = {"decode": ("top1_agreement",)}
+HELD_OUT_ONLY_CHECKS: dict[str, tuple[str, ...]] = {
+    "decode": ("top1_agreement",),
+    "prefill": ("prefill_logit", "prefill_state"),
+    "handoff": ("prefill_logit", "prefill_state"),
+}
 DRIFT_FP64 = "drift_fp64"  # the long stream's check when an fp64 oracle ran beside it
 _AT_LEAST = {"top1_agreement"}  # every other check is an upper limit
+_MAX_ABS = {"max_abs_logit", "prefill_logit", "drift"}  # judged on the per-call series: the first call over is named
 
 
 class UnknownPrecisionError(EdgeseqError):
@@ -110,7 +121,7 @@ class NonFinite(Failure):
 @dataclass(frozen=True)
 class ToleranceExceeded(Failure):
     kind: ClassVar[str] = "tolerance"
-    metric: str  # a Tolerance field, "exact" (integer outputs) or "state_rel_l2"
+    metric: str  # a Tolerance field, "exact" (integer outputs) or "state_rel_l2" (a limit given by the caller)
     value: float
     limit: float
     call: int | None = None  # first call past the limit, where a per-call series exists
@@ -237,7 +248,7 @@ class Comparison:
     def __init__(self, phase: str, outputs: Sequence[str], logits: str = LOGITS, series: Sequence[str] = (LOGITS,)):
         self.phase, self.outputs, self.logits = phase, tuple(outputs), logits
         if logits not in self.outputs:
-            raise ValueError(f"the outputs to compare {list(self.outputs)} lack the logits output {logits!r}")
+            raise UsageError(f"the outputs to compare {list(self.outputs)} lack the logits output {logits!r}")
         self.calls = 0
         self._acc = {name: ErrorAccumulator(name, logits=name == logits) for name in self.outputs}
         self._series: dict[str, list[float]] = {name: [] for name in series if name in self._acc}
@@ -284,14 +295,14 @@ class Comparison:
                     oracle: Mapping[str, object]) -> None:  # fmt: skip
         truth = np.asarray(oracle[self.logits])
         if truth.dtype != np.float64:  # an fp32 "oracle" would judge fp32 by fp32 again, silently
-            raise ValueError(f"the oracle's {self.logits} are {truth.dtype}; run it in fp64: "
+            raise UsageError(f"the oracle's {self.logits} are {truth.dtype}; run it in fp64: "
                              "TorchRunner(model, dtype='float64')")  # fmt: skip
         if self._from_oracle is None:
             self._from_oracle = {"candidate": [], "reference": []}
         for side, outs in (("candidate", candidate), ("reference", reference)):
             logits = np.asarray(outs[self.logits])
             if logits.shape != truth.shape:
-                raise ValueError(f"the oracle's {self.logits} {truth.shape} do not match the {side}'s {logits.shape}")
+                raise UsageError(f"the oracle's {self.logits} {truth.shape} do not match the {side}'s {logits.shape}")
             self._from_oracle[side].append(float(abs_error(truth, logits).max(initial=0.0)))
 
     def result(self, tolerance: Tolerance, checks: Sequence[str] | None = None, state_rel_l2: float | None = None) -> PhaseResult:
@@ -320,14 +331,19 @@ class Comparison:
             if s.max_abs != 0:
                 out.append(ToleranceExceeded(self.phase, s.name, "exact", s.max_abs, 0.0, self._first_over(s.name, 0.0)))
         elif s.name == self.logits:
-            values = {"max_abs_logit": s.max_abs, "drift": s.max_abs, "top1_agreement": s.top1_agreement, "kl": s.kl}
+            values = {"max_abs_logit": s.max_abs, "prefill_logit": s.max_abs, "drift": s.max_abs,
+                      "top1_agreement": s.top1_agreement, "kl": s.kl}  # fmt: skip
             for check in (c for c in checks if c in values):  # drift_fp64 is judged on the oracle's series
                 value, limit = values[check], getattr(tol, check)
                 if not _within(check, value, limit):
-                    call = self._first_over(s.name, limit) if check in ("max_abs_logit", "drift") else None
+                    call = self._first_over(s.name, limit) if check in _MAX_ABS else None
                     out.append(ToleranceExceeded(self.phase, s.name, check, value, limit, call))
-        elif state_rel_l2 is not None and not _within("state_rel_l2", s.rel_l2, state_rel_l2):
-            out.append(ToleranceExceeded(self.phase, s.name, "state_rel_l2", s.rel_l2, state_rel_l2))
+        else:  # a float state: the caller's limit everywhere, else the tolerance's where the phase judges states
+            metric, limit = ("state_rel_l2", state_rel_l2) if state_rel_l2 is not None else ("prefill_state", None)
+            if limit is None and "prefill_state" in checks:
+                limit = tol.prefill_state
+            if not _within(metric, s.rel_l2, limit):
+                out.append(ToleranceExceeded(self.phase, s.name, metric, s.rel_l2, limit))
         return out
 
     def _first_over(self, name: str, limit: float) -> int | None:

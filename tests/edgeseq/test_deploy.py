@@ -16,6 +16,7 @@ from edgeseq.cli import main
 from edgeseq.deploy.bundle import BundleError, read_manifest
 from edgeseq.families import save_checkpoint
 from edgeseq.testing import assert_bundle_parity
+from edgeseq.validate.heldout import feeding_plan
 from tests.conftest import random_model, small_config
 
 pytest.importorskip("onnxruntime")
@@ -76,9 +77,31 @@ def test_validate_golden_round_trip_and_reports(bundle, tmp_path):
     assert result.exit_code == 0 and json.loads(result.output)["passed"]
 
 
-def test_assert_bundle_parity_helper(bundle):
-    result = assert_bundle_parity(bundle, steps=16, long_steps=32)
-    assert result and result.phases["decode"].calls == 16
+def test_assert_bundle_parity_runs_what_validate_runs(bundle):
+    outcome = assert_bundle_parity(bundle, steps=16, long_steps=32, heldout=(2, 32), device="cpu")
+    assert outcome["passed"] and set(outcome["flavors"]) == {"portable", "opset27"}
+    for entry in outcome["flavors"].values():  # both graphs of every flavor judged
+        phases = entry["result"]["phases"]
+        assert {"prefill", "handoff", "decode", "long_stream"} <= set(phases)
+        assert phases["decode"]["calls"] == 16
+        assert entry["heldout"]["tokens"] > 0
+
+
+def test_validation_counts_its_calls_for_the_progress_bar(bundle):
+    """The bar's total is known before the first call and every candidate call is counted:
+    when everything passes, the count ends at the total."""
+    from edgeseq.deploy.validation import reference_model, validate_flavor
+
+    manifest = read_manifest(bundle)
+    model, device = reference_model(bundle, manifest, "cpu")
+    seen = []
+    steps, long_steps = (int(x) for x in np.random.default_rng().integers(3, 12, 2))
+    verdict = validate_flavor(bundle, manifest, model, "portable", steps, long_steps, 2, device, threads=1,
+                              heldout=(2, 16), progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+    assert verdict, verdict.summary()
+    totals = {t for _, t in seen}
+    assert len(totals) == 1 and [d for d, _ in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1][0] == totals.pop()
 
 
 def test_run_streams_without_torch(bundle):
@@ -177,7 +200,8 @@ def test_quantize_a_trained_bundle_passes_the_gates_and_shrinks(tmp_path):
         manifest = read_manifest(out)
         assert manifest["precision"] == precision and manifest["quantized_from"] == str(fp32)
         heldout = manifest["validation"]["ran"]["portable"]["heldout"]
-        assert heldout["passed"] and heldout["tokens"] == 16 * 512
+        scored = sum(1 if kind == "prefill" else b - a for kind, a, b in feeding_plan(512, prefill=True))
+        assert heldout["passed"] and heldout["tokens"] == 16 * scored  # 16 windows, prefill and decode
         assert heldout["delta"] <= manifest["validation"]["ran"]["portable"]["heldout"]["limits"]["bpb_delta"]
         sizes[precision] = _size(out)
     assert sizes["int4"] <= 0.3 * sizes["fp32"] and sizes["int8"] < sizes["fp32"], sizes

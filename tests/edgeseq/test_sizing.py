@@ -34,8 +34,28 @@ def test_size_matches_real_extracted_model(spec):
     assert fp.other == size.params - projections - table - (0 if config.tie_embeddings else head)
     assert size.state_bytes == sub.init_state(1).nbytes()
     assert size.weight_bytes("fp32") == 4 * (fp.matrix + fp.embedding + fp.other)
-    assert size.weight_bytes("int4") == math.ceil(fp.matrix / 2) + 4 * math.ceil(fp.matrix / 32) \
-        + math.ceil(table / 2) + 4 * math.ceil(table / 32) + 4 * fp.other
+    assert (
+        size.weight_bytes("int4")
+        == math.ceil(fp.matrix / 2)
+        + 4 * math.ceil(fp.matrix / 32)
+        + math.ceil(table / 2)
+        + 4 * math.ceil(table / 32)
+        + 4 * fp.other
+    )
+
+
+@pytest.mark.parametrize("spec", ["1", "0.25,1,1,0.5,0.25"])
+def test_layer_matrices_are_the_projections_a_prefill_runs(spec):
+    """Per layer, (in, out) of every projection the extracted model's layer holds: what
+    plan's prefill working memory counts (the head, run on the last token only, excluded)."""
+    config = small_config()
+    sub = extract(random_model(config, dtype=torch.float32), spec)
+    fp = size_table(config, [spec])[0].footprint
+    assert len(fp.layer_matrices) == len(sub.layers)
+    for layer, block in zip(fp.layer_matrices, sub.layers):
+        linear = sorted((p.shape[1], p.shape[0]) for n, p in block.named_parameters() if p.dim() == 2)
+        assert sorted(layer) == linear
+    assert fp.layer_columns == max(sum(out for _, out in layer) for layer in fp.layer_matrices)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])

@@ -10,9 +10,10 @@ import pytest
 import safetensors.numpy
 import torch
 
+from edgeseq.deploy.bundle import BundleError
 from edgeseq.export.spec import GraphIO, TensorSpec
-from edgeseq.runtimes.base import FeedError, Runner
-from edgeseq.runtimes.session import StateError, StreamingSession
+from edgeseq.runtimes.base import FeedError, InferenceError, Runner
+from edgeseq.runtimes.session import SessionError, StateError, StreamingSession
 from edgeseq.runtimes.torch_runner import TorchRunner
 from tests.conftest import random_model, small_config
 
@@ -144,7 +145,7 @@ class StridedRunner(Runner):
         spec = TensorSpec("past.0.ssm", "float32", ("batch", 3))
         self._io = GraphIO(
             (TensorSpec("input_ids", "int64", ("batch", 1)), spec),
-            (TensorSpec("logits", "float32", ("batch", 2)), TensorSpec("present.0.ssm", "float32", ("batch", 3))),
+            (TensorSpec("logits", "float32", ("batch", 8)), TensorSpec("present.0.ssm", "float32", ("batch", 3))),
             (("past.0.ssm", "present.0.ssm"),),
         )
 
@@ -161,7 +162,7 @@ class StridedRunner(Runner):
     def _infer(self, feeds):
         x = feeds["past.0.ssm"] + feeds["input_ids"].astype(np.float32) * np.float32([1, 2, 3])  # (b, 3)
         wide = np.stack([x, -x], axis=2).reshape(len(x), 6)  # (b, 6): x0, -x0, x1, -x1, ...
-        return {"logits": np.zeros((len(x), 2), np.float32), "present.0.ssm": wide[:, ::2]}
+        return {"logits": np.zeros((len(x), 8), np.float32), "present.0.ssm": wide[:, ::2]}  # a vocabulary of 8
 
 
 def test_save_state_of_strided_outputs_round_trips():
@@ -205,3 +206,65 @@ def test_session_on_the_builtin_mamba2_tiny():
     got = [session.prefill(prompt[0])] + [session.step(int(t)) for t in tokens[0]]
     for g, want in zip(got, reference(model, prompt, tokens)):
         np.testing.assert_allclose(g, want[0], atol=1e-4, rtol=0)  # trained logits are O(10), not O(1)
+
+
+def test_a_path_where_a_runner_belongs_points_to_from_bundle(tmp_path):
+    for where in (str(tmp_path / "bundle"), tmp_path / "bundle"):
+        with pytest.raises(SessionError, match=r"StreamingSession\.from_bundle\(") as err:
+            StreamingSession(where)
+        assert "\n" not in str(err.value) and str(tmp_path / "bundle") in str(err.value)
+    step, _ = runners(random_model(small_config("M"), torch.float32), prefill=False)
+    with pytest.raises(SessionError, match="not a runner"):
+        StreamingSession(step, {"step": "graph.onnx"})
+    with pytest.raises(SessionError, match="batch"):
+        StreamingSession(step, batch=0)
+
+
+def test_token_ids_outside_the_vocabulary_name_the_range():
+    config = small_config("M S+")
+    session = StreamingSession(*runners(random_model(config, torch.float32)))
+    rng, vocab = np.random.default_rng(), config.vocab_size
+    good = rng.integers(0, vocab, int(rng.integers(2, 6)))
+    for bad in (int(rng.integers(vocab, vocab + 1000)), -int(rng.integers(1, 1000))):
+        prompt = good.copy()
+        prompt[int(rng.integers(0, len(prompt)))] = bad
+        with pytest.raises(FeedError, match=rf"token id {bad} is out of range; .* ids 0 to {vocab - 1}"):
+            session.prefill(prompt)
+        with pytest.raises(FeedError, match=rf"ids 0 to {vocab - 1}"):
+            session.step(bad)
+    assert session.position == 0  # nothing ran
+    with pytest.raises(FeedError, match="integers"):
+        session.step(1.5)
+    with pytest.raises(FeedError, match="ragged"):
+        StreamingSession(*runners(random_model(config, torch.float32)), batch=2).prefill([[1, 2], [3]])
+    session.prefill(good)  # the edges of the range are fine
+    session.step(vocab - 1)
+    session.step(0)
+    assert session.position == len(good) + 2
+
+
+def test_from_bundle_refuses_what_is_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no manifest.json"):
+        StreamingSession.from_bundle(tmp_path)
+    with pytest.raises(SessionError, match="threads"):
+        StreamingSession.from_bundle(tmp_path, threads=-1)
+
+
+def test_onnxruntime_failures_are_edgeseq_errors(counter_onnx):
+    """A feed that skips the checks still fails as one line, and an id the counter graph's
+    vocabulary (2) lacks never reaches onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    from edgeseq.runtimes.ort_runner import OnnxRuntimeRunner
+
+    with OnnxRuntimeRunner(counter_onnx, intra_op_threads=1) as runner:
+        with pytest.raises(InferenceError, match="onnxruntime failed to run") as err:
+            runner.infer({"input_ids": np.zeros((1, 1), np.float32), "past.0.ssm": np.zeros((1, 1), np.float32)},
+                         check=False)  # fmt: skip
+        assert "\n" not in str(err.value)
+        with pytest.raises(FeedError, match="dict"):
+            runner.infer([np.zeros((1, 1), np.int64)])
+        session = StreamingSession(runner)
+        assert session.vocab_size == 2
+        with pytest.raises(FeedError, match="ids 0 to 1"):
+            session.step(2)
+        np.testing.assert_allclose(session.prefill([1, 1, 0]), [2, -2])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -13,11 +16,25 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from edgeseq.cli import main
+from edgeseq.export import graphs
 from edgeseq.export.graphs import build_graph
 from edgeseq.export.quantize import QuantOptions, quantize_graph
 from edgeseq.extract import extract
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.targets import get_target
-from edgeseq.targets.plan import NoFitError, candidate_widths, check_fits, choose, footprint, plan
+from edgeseq.targets.plan import (
+    PREFILL_BYTES_PER_COLUMN,
+    PREFILL_TOKENS,
+    SPLIT_K,
+    NoFitError,
+    candidate_widths,
+    check_fits,
+    choose,
+    footprint,
+    peak_memory,
+    plan,
+    state_bytes,
+)
 from edgeseq.width import WidthSpec, resolve
 from edgeseq.zoo import load_model
 from tests.conftest import random_model, small_config
@@ -73,9 +90,9 @@ def test_choice_is_the_widest_that_fits_at_the_default_precision(tiny):
     choice = choose(plan(tiny.config, target), target)
     assert (choice.row.width, choice.row.precision) == ("1", "int8") and "widest" in choice.reasons[0]
     # a tight budget forces a narrower width; the precision falls back only where it must
-    rows = plan(tiny.config, target, memory_bytes=60 * MiB)
-    narrow = choose(rows, target, 60 * MiB)
-    assert narrow.row.peak_bytes <= 60 * MiB and narrow.row.params < choice.row.params
+    rows = plan(tiny.config, target, memory_bytes=120 * MiB)
+    narrow = choose(rows, target, 120 * MiB)
+    assert narrow.row.peak_bytes <= 120 * MiB and narrow.row.params < choice.row.params
     assert all(not r.fits for r in rows if r.params > narrow.row.params)
 
 
@@ -85,10 +102,10 @@ def test_speed_floor_and_budget_errors(tiny):
         choose(plan(tiny.config, target, memory_bytes=MiB), target, MiB)
     with pytest.raises(NoFitError, match="lower --min-tokens-per-s"):
         choose(plan(tiny.config, target, min_tokens_per_s=1e9), target, None, 1e9)
-    rows = plan(tiny.config, target, memory_bytes=70 * MiB, widths=["1"])
-    with pytest.raises(NoFitError, match="width 1 at fp32 needs .* leaves 70.0 MiB"):
-        check_fits(rows, "1", "fp32", target, 70 * MiB)
-    assert check_fits(rows, "1", "int4", target, 70 * MiB).fits
+    rows = plan(tiny.config, target, memory_bytes=140 * MiB, widths=["1"])
+    with pytest.raises(NoFitError, match="width 1 at fp32 needs .* leaves 140.0 MiB"):
+        check_fits(rows, "1", "fp32", target, 140 * MiB)
+    assert check_fits(rows, "1", "int4", target, 140 * MiB).fits
 
 
 def test_roofline_is_traffic_over_bandwidth(tiny):
@@ -116,3 +133,50 @@ def test_plan_command(tmp_path):
     bad.write_text('name = "x"\n[memory\navailable = "1 GiB"\n')
     result = CliRunner().invoke(main, ["plan", "--target", str(bad)])
     assert result.exit_code == 2 and "bad.toml: line 2" in result.output and "Traceback" not in result.output
+
+
+def test_peak_memory_parts(tiny):
+    """fp16 weights are held at fp32 size on a CPU and at fp16 on a CUDA device; the split-K
+    partial products count for fp32 graphs where they are larger than the widest layer's
+    working memory; the prefill does not grow with depth; each stream adds its state twice."""
+    fp = footprint(tiny.config, resolve(tiny.config, WidthSpec.parse("1")))
+    state = state_bytes(tiny.config, resolve(tiny.config, WidthSpec.parse("1")))
+    cpu, gpu = get_target("x86"), get_target("jetson")
+    assert peak_memory(fp, "fp16", state, cpu).sessions == peak_memory(fp, "fp32", state, cpu).sessions
+    assert peak_memory(fp, "fp16", state, gpu).sessions < peak_memory(fp, "fp32", state, gpu).sessions
+    one, four = (peak_memory(fp, "int8", state, cpu, streams=n) for n in (1, 4))
+    assert four.total - one.total == 2 * 3 * state
+    wide = small_config(" ".join(["M"] * 3), d_model=768, mamba=Mamba2Params(d_state=64, headdim=32))
+    deep = wide.replace(layers=wide.layers * 4, n_layer=12)
+    wide_fp, deep_fp = (footprint(c, resolve(c, WidthSpec.parse("1"))) for c in (wide, deep))
+    fp32, int8 = (peak_memory(wide_fp, p, 0, cpu).prefill for p in ("fp32", "int8"))
+    assert SPLIT_K == graphs.SPLIT_K  # the blocks the fp32 graphs are built with
+    blocks = 2 * 4 * (768 // SPLIT_K) * max(out for layer in wide_fp.layer_matrices for _, out in layer)
+    assert fp32 == PREFILL_TOKENS * blocks > int8 == PREFILL_TOKENS * PREFILL_BYTES_PER_COLUMN * wide_fp.layer_columns
+    assert peak_memory(deep_fp, "int8", 0, cpu).prefill == int8
+
+
+def test_prediction_is_within_a_quarter_of_a_measured_process(tmp_path):
+    """A shipped bundle run as `edgeseq bench` runs it, in a process that refuses torch: plan's
+    peak is within 25 % of its peak RSS (scripts/plan_vs_bench.py measures every shipped one)."""
+    out = tmp_path / "bundle"
+    args = ["export", "--width", "0.25", "--quant", "int8", "--flavor", "portable", "--no-validate", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    child = textwrap.dedent(f"""
+        import sys
+        class RefuseTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("torch refused")
+        sys.meta_path.insert(0, RefuseTorch())
+        from edgeseq.deploy.bench import _bench_one
+        _bench_one({str(out)!r}, "onnxruntime:portable", 5, {PREFILL_TOKENS}, 2)
+        print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    measured = int(done.stdout.split()[-1])
+    tiny = load_model("mamba2-tiny")[0]
+    (row,) = [r for r in plan(tiny.config, get_target("x86"), widths=["0.25"]) if r.precision == "int8"]
+    assert 0.75 <= row.peak_bytes / measured <= 1.25, (row.peak_bytes / MiB, measured / MiB)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from edgeseq.testing import assert_bundle_parity, assert_parity
+from edgeseq.testing import assert_parity
 from edgeseq.validate.report import load_report
 from tests.edgeseq.validate.validate_toy import ToyRunner, toy_io
 
@@ -34,22 +34,3 @@ def test_assert_parity_fails_with_a_readable_summary(tmp_path, seed):
     assert any(re.fullmatch(r"  decode/logits: max_abs_logit 0\.(2|19)\d* > limit 0\.0001 \(first at call 0\)", x) for x in lines)
     assert lines[-1] == f"report: {report}"
     assert load_report(report)["passed"] is False and plot.stat().st_size > 0  # written before raising
-
-
-def test_assert_bundle_parity_loads_activates_and_releases_runners(tmp_path, seed):
-    runners = (ToyRunner(seed), ToyRunner(seed))
-    seen = {}
-
-    def load_runners(bundle_dir):
-        seen["dir"] = bundle_dir
-        return (*runners, toy_io(), "fp32")
-
-    class Watch(ToyRunner):  # records whether it was active while inferring
-        def infer(self, feeds):
-            assert self.active
-            return super().infer(feeds)
-
-    runners = (Watch(seed), Watch(seed))
-    result = assert_bundle_parity(tmp_path / "bundle", load_runners=load_runners, seed=seed, **SMALL)
-    assert result and seen["dir"] == tmp_path / "bundle"
-    assert not any(r.active for r in runners) and all(r.calls for r in runners)
