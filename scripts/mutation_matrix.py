@@ -29,7 +29,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-SETTINGS = {"steps": 32, "long_steps": 64, "prompts": 2, "heldout": (4, 128)}
+SETTINGS = {"steps": 32, "long_steps": 64, "prompts": 2, "heldout": (8, 128)}
 
 
 def _export(model: str, precision: str, root: Path) -> Path:

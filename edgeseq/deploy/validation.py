@@ -137,8 +137,8 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
     """Judge one flavor's step AND prefill graphs against the reference: prompts through
     prefill (last logits, every state handed on), the prefill graph against the step graph
     (handoff), decode steps, the long stream's drift against fp64 (``oracle``), and the
-    held-out gate (``heldout`` = streams x tokens; None skips it), fed prompt, decode,
-    prompt, decode. Candidate runners come from ``edgeseq.deploy.runtimes``, placed on the
+    held-out gate (``heldout`` = streams x tokens; None skips it), fed in turns of prefill
+    and decode (``edgeseq.validate.heldout.feeding_plan``). Candidate runners come from ``edgeseq.deploy.runtimes``, placed on the
     target's execution providers; ``threads`` (None: all cores) is this machine's.
     ``progress(done, total)`` is called after every candidate call."""
     from edgeseq.data import PAD

@@ -117,5 +117,5 @@ def test_extract_export_validate(relu2, tmp_path):
     assert manifest["validation"]["ran"]["portable"]["passed"]
     assert [layer["mixers"] for layer in manifest["config"]["layers"]] == [["mamba2"]] * 3
     assert manifest["config"]["layers"][0]["sizes"] == {"mamba2": 4, "relu2_mlp": 24}
-    outcome = run_validation(tmp_path / "b", None, 32, 256, "cpu", None, None, None, None)
+    outcome = run_validation(tmp_path / "b", None, 32, 256, "cpu", None, None, None, None, heldout=(2, 64))
     assert outcome["passed"] and outcome["flavors"]["portable"]["passed"]

@@ -75,7 +75,7 @@ def test_replay_passes_for_its_bundle_and_fails_with_one_damaged_weight(recorded
     code, doc = _validate(bundle, "--flavor", "portable", "--golden", golden)
     assert code == 0 and doc["passed"], doc
     phases = doc["flavors"]["portable"]["result"]["phases"]
-    assert list(phases) == ["prefill", "decode", "long_stream"] and "oracle_drift" in phases["long_stream"]
+    assert list(phases) == ["prefill", "handoff", "decode", "long_stream"] and "oracle_drift" in phases["long_stream"]
     assert doc["flavors"]["portable"]["result"]["settings"]["calls_run"]["long_stream"] == LONG
 
     damaged = tmp_path / "damaged"

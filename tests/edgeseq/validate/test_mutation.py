@@ -24,7 +24,7 @@ from edgeseq.testing import damage_graph
 from edgeseq.width import WidthSpec
 
 # Small settings that still pass every undamaged bundle below (the control in each test).
-SETTINGS = {"steps": 32, "long_steps": 64, "prompts": 2, "heldout": (4, 128)}
+SETTINGS = {"steps": 32, "long_steps": 64, "prompts": 2, "heldout": (8, 128)}
 # Each precision on one shipped model; the two models' kinds (Mamba2, attention, MLP) both damaged.
 BUNDLES = {"fp32": "mamba2-tiny", "fp16": "hybrid-tiny", "int8": "hybrid-tiny", "int4": "mamba2-tiny"}
 
