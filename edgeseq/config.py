@@ -13,6 +13,7 @@ The full nested model leaves the per-layer sizes unset; an extracted submodel se
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from typing import Any
 from edgeseq.errors import ConfigError
 from edgeseq.kinds import DEFAULT_MLP, KINDS, by_section, get_kind, positive
 
-TOP_LEVEL = ("d_model", "n_layer", "vocab_size", "layers", "tie_embeddings", "norm_eps", "nested_widths", "nested_kinds")
+TOP_LEVEL = (
+    "d_model", "n_layer", "vocab_size", "layers", "tie_embeddings", "norm_eps", "nested_widths", "nested_kinds",
+    "embedding_scale",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,17 +111,20 @@ class ModelConfig:
     norm_eps: float
     nested_widths: tuple[float, ...]  # trained granularities
     nested_kinds: tuple[str, ...] | None  # kinds trained nested; None: every kind (edgeseq's own models)
+    embedding_scale: float  # the looked-up rows are multiplied by it (Granite, μP); with a tied head only
+    # the lookup is scaled, so it cannot be folded into the shared table
 
     def __init__(self, d_model: int, n_layer: int, vocab_size: int, layers: tuple[LayerSpec, ...], *,
                  tie_embeddings: bool = True, norm_eps: float = 1e-5,
                  nested_widths: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125), nested_kinds: tuple[str, ...] | None = None,
-                 sections: tuple[tuple[str, Any], ...] = (), **by_name: Any):  # fmt: skip
+                 embedding_scale: float = 1.0, sections: tuple[tuple[str, Any], ...] = (), **by_name: Any):  # fmt: skip
         """Kind sections are keyword arguments by section name (``mamba=Mamba2Params(...)``)."""
         merged = dict(sections) | by_name
         _check_sections(merged)
         values = dict(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size, layers=tuple(layers),
                       tie_embeddings=tie_embeddings, norm_eps=norm_eps, nested_widths=tuple(nested_widths),
-                      nested_kinds=None if nested_kinds is None else tuple(nested_kinds))  # fmt: skip
+                      nested_kinds=None if nested_kinds is None else tuple(nested_kinds),
+                      embedding_scale=embedding_scale)  # fmt: skip
         for name, value in values.items():
             object.__setattr__(self, name, value)
         for spec in self.layers:  # a used kind without a section gets its default (or refuses)
@@ -167,6 +174,8 @@ class ModelConfig:
         d["nested_widths"] = list(self.nested_widths)
         if self.nested_kinds is None:
             del d["nested_kinds"]
+        if self.embedding_scale == 1.0:  # configs without it stay as they were
+            del d["embedding_scale"]
         else:
             d["nested_kinds"] = list(self.nested_kinds)
         for key, value in self.sections:
@@ -258,6 +267,8 @@ def _validate(c: ModelConfig) -> None:
         raise ConfigError(f"config.layers has {len(c.layers)} entries but n_layer is {c.n_layer}; make them agree")
     if not c.nested_widths or any(not (0 < w <= 1) for w in c.nested_widths):
         raise ConfigError(f"config.nested_widths must be fractions in (0, 1] (got {list(c.nested_widths)})")
+    if not (isinstance(c.embedding_scale, float | int) and math.isfinite(c.embedding_scale) and c.embedding_scale > 0):
+        raise ConfigError(f"config.embedding_scale must be a positive number (got {c.embedding_scale!r})")
     if c.nested_kinds is not None:
         for name in c.nested_kinds:
             get_kind(name)

@@ -158,6 +158,11 @@ class NestedLM(nn.Module):
         dtype = dtype or _state_dtype(self.embedding.weight)
         return ModelState.zeros(self.config, batch, self.widths(width), dtype, self.embedding.weight.device)
 
+    def _embed(self, ids: Tensor) -> Tensor:
+        h = self.embedding(ids)
+        scale = self.config.embedding_scale
+        return h if scale == 1.0 else h * scale
+
     def _head(self, h: Tensor) -> Tensor:
         h = self.norm_f(h)
         weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
@@ -175,7 +180,7 @@ class NestedLM(nn.Module):
         widths = self.widths(width)
         state = state if state is not None else self.init_state(ids.size(0), widths)
         self._check_context(state, ids.size(1))
-        h = self.embedding(ids)
+        h = self._embed(ids)
         layers = []
         for block, layer_state, w in zip(self.layers, state.layers, widths):
             h, layer_state = block(h, layer_state, state.position, w, step=False)
@@ -191,7 +196,7 @@ class NestedLM(nn.Module):
         widths = self.widths(width)
         if check_context:
             self._check_context(state, 1)
-        h = self.embedding(ids.reshape(-1))
+        h = self._embed(ids.reshape(-1))
         layers = []
         for block, layer_state, w in zip(self.layers, state.layers, widths):
             h, layer_state = block(h, layer_state, state.position, w, step=True)

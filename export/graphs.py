@@ -48,6 +48,8 @@ def build_graph(model: NestedLM, kind: str, flavor: str = "portable", all_logits
     rank = 2 if kind == "step" else 3
     emb = g.weight("embedding.weight", weights["embedding.weight"])
     h = g.op("Gather", emb, names["input_ids"])  # [b, t, d]
+    if config.embedding_scale != 1.0:
+        h = g.op("Mul", h, g.const(np.float32(config.embedding_scale)))
     if rank == 2:
         h = g.op("Squeeze", h, g.ints(1))  # [b, d]
     position = names.get("position")

@@ -54,3 +54,12 @@ def test_out_of_range_values_are_refused(mutate, words):
     with pytest.raises(ConfigError) as err:
         ModelConfig.from_dict(d)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_embedding_scale_round_trips_and_is_checked():
+    config = small_config(embedding_scale=12.0)
+    assert ModelConfig.from_json(config.to_json()).embedding_scale == 12.0
+    assert "embedding_scale" not in small_config().to_dict()  # configs without it are unchanged
+    for bad in (0.0, -1.0, float("inf"), "2"):
+        with pytest.raises(ConfigError, match="embedding_scale"):
+            small_config(embedding_scale=bad)

@@ -22,6 +22,8 @@ CONFIGS = {
     "hybrid-g2": lambda: small_config(),  # mamba2 (2 groups) + windowed and global GQA attention + MLPs
     "mamba-g1": lambda: small_config("M M+", ngroups=1, tie_embeddings=True),
     "parallel": lambda: small_config("A|M+ M S|M+"),  # Falcon-H1-style blocks: attention and Mamba2 side by side
+    # Granite-style: a tied table whose looked-up rows are scaled (the head reads it unscaled)
+    "scaled-embedding": lambda: small_config("M+ A+", tie_embeddings=True, embedding_scale=float(np.random.uniform(2, 12))),
 }
 
 
