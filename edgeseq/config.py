@@ -174,10 +174,10 @@ class ModelConfig:
         d["nested_widths"] = list(self.nested_widths)
         if self.nested_kinds is None:
             del d["nested_kinds"]
-        if self.embedding_scale == 1.0:  # configs without it stay as they were
-            del d["embedding_scale"]
         else:
             d["nested_kinds"] = list(self.nested_kinds)
+        if self.embedding_scale == 1.0:  # configs without it stay as they were
+            del d["embedding_scale"]
         for key, value in self.sections:
             d[key] = by_section(key).section_to_json(value)
         return d
