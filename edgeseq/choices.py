@@ -29,7 +29,7 @@ INT8_PRESETS = {
 }
 
 # Checkpoint families (``edgeseq.families``), by their registered names.
-FORMATS = ("hf", "hf_bamba", "mamba_ssm", "native")
+FORMATS = ("hf", "hf_bamba", "hf_falcon_h1", "hf_granite_hybrid", "hf_nemotron_h", "mamba_ssm", "native")
 WRITABLE_FORMATS = ("hf", "native")  # families with ``writable = True``
 
 RUNTIMES = ("onnxruntime", "tensorrt")  # what a target profile's runtime.name may say

@@ -20,4 +20,12 @@ from edgeseq.families.base import (  # noqa: F401
 )
 
 # Register the built-in families (import for side effects).
-from edgeseq.families import hf_bamba, hf_mamba2, mamba_ssm, native  # noqa: E402, F401  isort: skip
+from edgeseq.families import (  # noqa: E402, F401  isort: skip
+    hf_bamba,
+    hf_falcon_h1,
+    hf_granite_hybrid,
+    hf_mamba2,
+    hf_nemotron_h,
+    mamba_ssm,
+    native,
+)

@@ -1,0 +1,22 @@
+"""Hugging Face ``NemotronHForCausalLM`` checkpoints: read only (format ``hf_nemotron_h``). Work in progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeseq.errors import CheckpointError
+from edgeseq.families.base import Family, register
+
+
+@register
+class HFNemotronH(Family):
+    name = "hf_nemotron_h"
+    description = "Hugging Face NemotronHForCausalLM (config.json + safetensors), read only"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return False
+
+    @classmethod
+    def read(cls, path: Path):
+        raise CheckpointError(f"format {cls.name!r} is not readable yet")
