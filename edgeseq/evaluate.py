@@ -1,10 +1,12 @@
-"""Held-out bits per byte at each nested width.
+"""Held-out bits per byte at each nested width, in any vocabulary.
 
 The token stream is cut into ``segments`` contiguous pieces evaluated side by side as a
 batch; each piece is read in chunks with the recurrent state carried across them, so
 the cost is linear in the length and no context is thrown away inside a piece. Only
-targets that are bytes count (BOS/EOS predictions are excluded from numerator and
-denominator), so the figure is bits per byte of source text.
+targets that are text count (BOS/EOS predictions are excluded), and their bits are
+divided by the UTF-8 bytes of text they make (``edgeseq.tokenizer.tokenize_sample``):
+total bits over bytes of source text, whatever the tokenizer. For byte ids both are the
+byte targets themselves.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from edgeseq.model import NestedLM
 
 
 @torch.no_grad()
-def bits_per_byte(
-    model: NestedLM, tokens: np.ndarray, width=None, segments: int = 16, chunk: int = 2048, device=None
-) -> float:
-    """tokens (n,) int -> bits per byte of the byte targets, model run at ``width``."""
+def bits_per_byte(model: NestedLM, tokens, width=None, segments: int = 16, chunk: int = 2048, device=None) -> float:
+    """tokens: (n,) int byte ids, or a ``TokenizedText`` -> bits per byte of its text
+    targets, model run at ``width``."""
+    if isinstance(tokens, np.ndarray):
+        scored = tokens < 256
+        nbytes = scored.astype(np.int64)
+    else:
+        tokens, scored, nbytes = tokens.ids, tokens.scored, tokens.nbytes
     device = device or model.embedding.weight.device
     per = (len(tokens) - 1) // segments
     if per < 1:
@@ -31,17 +37,21 @@ def bits_per_byte(
     starts = np.arange(segments) * per
     idx = starts[:, None] + np.arange(per + 1)[None, :]
     stream = torch.from_numpy(tokens[idx]).to(device)  # (segments, per + 1)
+    counted = torch.from_numpy(scored[idx]).to(device)
     state = model.init_state(segments, width)
-    nats, count = 0.0, 0
+    nats = 0.0
     for lo in range(0, per, chunk):
         hi = min(lo + chunk, per)
         logits, state = model(stream[:, lo:hi], state, width=width)
         targets = stream[:, lo + 1 : hi + 1]
-        mask = targets < 256
+        mask = counted[:, lo + 1 : hi + 1]
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         nats += float((loss * mask.flatten()).sum())
-        count += int(mask.sum())
-    return nats / count / math.log(2)
+    # the targets are one contiguous run of the stream: only a character cut at its very end loses its bytes
+    text_bytes = int(nbytes[idx[:, 1:]].sum())
+    if text_bytes == 0:
+        raise UsageError("the evaluated tokens hold no text; evaluate more tokens")
+    return nats / text_bytes / math.log(2)
 
 
 def ngram_bits_per_byte(train: np.ndarray, test: np.ndarray, order: int = 2, discount: float = 0.75) -> float:

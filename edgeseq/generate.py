@@ -1,4 +1,5 @@
-"""Streaming byte-level generation through the reference path (prefill, then steps)."""
+"""Streaming generation through the reference path (prefill, then steps), in the model's
+own vocabulary (``edgeseq.tokenizer``: bytes for the built-in models)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from edgeseq.data import EOS, text_to_ids
 from edgeseq.model import NestedLM
+from edgeseq.tokenizer import ByteTokenizer, Tokenizer
 
 
 @dataclass
@@ -34,24 +35,29 @@ def generate(
     top_k: int = 40,
     seed: int | None = None,
     stats: list[GenerationStats] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Iterator[int]:
-    """Yield up to ``n`` sampled byte values (stops at EOS). temperature 0 = greedy.
+    """Yield up to ``n`` sampled token ids (stops at the tokenizer's EOS; bytes when no
+    tokenizer is given). temperature 0 = greedy. Decode them with
+    ``tokenizer.stream_decoder()``.
 
     Appends one GenerationStats to ``stats`` when the stream ends.
     """
+    tokenizer = tokenizer or ByteTokenizer()
+    tokenizer.check_vocab(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    ids = torch.tensor([text_to_ids(prompt)])
+    text = prompt.decode("utf-8", errors="replace") if isinstance(prompt, bytes) else prompt
+    ids = torch.tensor([tokenizer.prompt_ids(text)])
     t0 = time.perf_counter()
     logits, state = model(ids, width=width, last_only=True)
     t1 = time.perf_counter()
     produced = 0
     for _ in range(n):
         token = _sample(logits[0].float(), temperature, top_k, gen)
-        if token == EOS:
+        if token in tokenizer.eos_ids:
             break
         produced += 1
-        if token < 256:
-            yield token
+        yield token
         logits, state = model.step(torch.tensor([token]), state, width=width)
     if stats is not None:
         stats.append(GenerationStats(ids.size(1), produced, t1 - t0, time.perf_counter() - t1))

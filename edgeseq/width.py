@@ -136,10 +136,11 @@ def exact_width(config: ModelConfig, spec: WidthSpec) -> str:
     return str(spec)
 
 
-def untrained_warning(config: ModelConfig, spec: WidthSpec) -> str | None:
+def untrained_warning(config: ModelConfig, spec: WidthSpec, model: str = "MODEL") -> str | None:
     """A one-line warning when ``spec`` keeps, in some layer, sizes the checkpoint was not
     trained at (None when every layer sits at a trained width: a plain nested width or a
-    Mix'n'Match of them), naming the nearest trained widths and how to measure the cost."""
+    Mix'n'Match of them), naming the nearest trained widths and the ``edgeseq eval`` command
+    (on ``model``, as the user named it) that measures the cost against them."""
     widths = resolve(config, spec)
     trained = []
     for w in config.nested_widths:
@@ -148,14 +149,14 @@ def untrained_warning(config: ModelConfig, spec: WidthSpec) -> str | None:
     if all(any(layer == at[i] for _, at in trained) for i, layer in enumerate(widths)):
         return None
     asked = exact_width(config, spec).split(" = ")[0]
-    flag = "--width" if len(spec.fractions) == 1 else "--widths"
-    measure = f"measure its cost with `edgeseq extract {flag} {asked} -o DIR && edgeseq eval DIR`"
+    below = [w for w, _ in trained if w <= min(spec.fractions)]  # a single width is never itself trained here
+    above = [w for w, _ in trained if w >= max(spec.fractions)]
+    near = ([max(below)] if below else []) + ([min(above)] if above else [])
+    compare = " ".join(f"--width {w:g}" for w in near or [1.0]) + f" --width {asked}"
+    measure = f"measure what it costs with `edgeseq eval {model} {compare}` (held-out bits per byte, side by side)"
     if [w for w, _ in trained] == [1.0]:
         return f"this checkpoint was not trained nested, so width {asked} is an untested cut; {measure}"
     if len(spec.fractions) > 1:
         names = ", ".join(f"{w:g}" for w, _ in trained)
         return f"widths {asked} keep sizes no trained width has in some layers (trained: {names}); {measure}"
-    below = [w for w, _ in trained if w < spec.fractions[0]]
-    above = [w for w, _ in trained if w > spec.fractions[0]]
-    near = " and ".join(f"{w:g}" for w in ([max(below)] if below else []) + ([min(above)] if above else []))
-    return f"width {asked} was not trained (the nearest trained widths are {near}); {measure}"
+    return f"width {asked} was not trained (the nearest trained widths are {' and '.join(f'{w:g}' for w in near)}); {measure}"

@@ -48,9 +48,14 @@ def builtin_dir(name: str) -> Path:
     return Path(__file__).parent / "models" / name
 
 
-def load_model(source: str | None = None, format: str | None = None, dtype=torch.float32) -> tuple[NestedLM, dict[str, Any]]:
-    """(model, metadata) for a built-in name, or a checkpoint directory in any known format."""
+def load_model(
+    source: str | None = None, format: str | None = None, dtype=torch.float32, config: str | Path | None = None
+) -> tuple[NestedLM, dict[str, Any]]:
+    """(model, metadata) for a built-in name, or a checkpoint directory in any known format;
+    with ``config``, a weights file or directory read with that config file (``--config``)."""
     source = source or DEFAULT_MODEL
+    if config is not None and source in BUILTIN and not Path(source).exists():
+        raise CheckpointError(f"built-in model {source!r} has its own config; drop --config")
     if source in BUILTIN and format in (None, "native"):
         shipped = builtin_dir(source)
         if (shipped / "model.safetensors").is_file():
@@ -67,7 +72,7 @@ def load_model(source: str | None = None, format: str | None = None, dtype=torch
         raise CheckpointError(
             f"{source!r} is neither a model directory nor a built-in model ({', '.join(sorted(BUILTIN))})"
         )
-    model, metadata = load_checkpoint(path, format, dtype)
+    model, metadata = load_checkpoint(path, format, dtype, config)
     return model, {**metadata, "name": path.name}
 
 

@@ -20,10 +20,17 @@
                        quantizer's QDQ format gives blocks negative scales, which TensorRT
                        refuses), packed by onnx; the embedding table in fp16.
 
-Only the 2-D weight matrices are quantized: the embedding (int4; fp16 in the QDQ form), the
-projections and the head. The numerically sensitive parameters (conv kernels, A, D, dt
-bias, norm weights, biases) and the state are never quantized; neither is any MatMul whose
-operands are both activations (the scan's C·B and state products).
+Only the weight matrices are quantized: the embedding (int4; fp16 in the QDQ form), the
+projections and the head, and the 3-D expert tables [experts, out, in] that a
+mixture-of-experts step graph gathers the chosen experts from
+(``edgeseq.export.quantize_experts``): int8 per expert and output row, the chosen rows
+gathered, then dequantized; int4 in blocks along ``in``, gathered and dequantized by
+GatherBlockQuantized (MatMulNBits form) or dequantized whole for the Gather (QDQ form: ONNX
+has no Gather on int4). A router (a weight MatMul feeding a TopK) stays fp32 in every
+precision: a rounded logit can change which experts a token runs. The numerically
+sensitive parameters (conv kernels, A, D, dt bias, norm weights, biases) and the state are
+never quantized; neither is any MatMul whose operands are both activations (the scan's
+C·B and state products).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from edgeseq.errors import EdgeseqError
 # Op types the fp16 conversion leaves in fp32 wherever they are: reductions, exponentials
 # and the recurrence ops of the opset-27 and TensorRT flavors.
 FP32_OPS = (
-    "ReduceMean", "ReduceSum", "Sqrt", "Div", "Pow", "Exp", "Softplus", "Softmax", "CumSum",
+    "ReduceMean", "ReduceSum", "Sqrt", "Div", "Pow", "Exp", "Softplus", "Softmax", "CumSum", "TopK",
     "LinearAttention", "CausalConvWithState", "EdgeseqSSDChunkState", "EdgeseqSSDChunkScan", "EdgeseqSSDStep",
 )  # fmt: skip
 
@@ -114,13 +121,30 @@ class QuantOptions:
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:
-    """Names of the MatMul nodes whose right operand is a 2-D weight initializer."""
+    """Names of the MatMul nodes whose right operand is a 2-D weight initializer, routers
+    (``routing_nodes``) left out."""
     inits = {t.name: t for t in model.graph.initializer}
+    routers = set(routing_nodes(model))
     return [
         n.name
         for n in model.graph.node
-        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2 and n.name not in routers
     ]
+
+
+def routing_nodes(model: onnx.ModelProto) -> list[str]:
+    """The TopK nodes and the weight MatMuls whose outputs they rank (a mixture-of-experts
+    router): kept fp32, since a rounded logit can change which experts a token runs."""
+    inits = {t.name for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "TopK":
+            names.append(node.name)
+            source = producers.get(node.input[0])
+            if source is not None and source.op_type == "MatMul" and source.input[1] in inits:
+                names.append(source.name)
+    return names
 
 
 def recurrent_nodes(model: onnx.ModelProto) -> list[str]:
@@ -167,6 +191,10 @@ def quantize_graph(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelP
 def _quantize(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
     if options.precision == "fp16":
         return _fp16(model)
+    from edgeseq.export.quantize_experts import quantize_expert_tables
+
+    contrib = options.precision == "int4" and options.int4_form == "MatMulNBits"
+    model = quantize_expert_tables(model, options.precision, options.block_size, contrib)
     if options.precision == "int4":
         return _int4(model, options)
     if options.int8_preset == "qdq-weight-only":
@@ -178,7 +206,7 @@ def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     converted = convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=list(FP32_OPS), node_block_list=recurrent_nodes(model),
+        model, keep_io_types=True, op_block_list=list(FP32_OPS), node_block_list=recurrent_nodes(model) + routing_nodes(model),
         disable_shape_infer=True,
     )  # fmt: skip
     return _drop_round_trips(converted)
@@ -209,9 +237,12 @@ def _int4_matmulnbits(model: onnx.ModelProto, options: QuantOptions) -> onnx.Mod
         block_size=options.block_size, is_symmetric=True, accuracy_level=options.accuracy_level,
         op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
     )  # fmt: skip
+    included = weight_matmuls(model) + _embedding_gathers(model)
+    # the quantizer takes every MatMul and Gather it can unless excluded: routers, expert tables
+    excluded = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and n.name not in included]
     quantizer = MatMulNBitsQuantizer(
         model, bits=4, block_size=options.block_size, is_symmetric=True, accuracy_level=options.accuracy_level,
-        nodes_to_include=weight_matmuls(model) + _embedding_gathers(model), algo_config=config,
+        nodes_to_include=included, nodes_to_exclude=excluded, algo_config=config,
         op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
     )  # fmt: skip
     quantizer.process()
@@ -340,8 +371,13 @@ def _embedding_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _embedding_gathers(model: onnx.ModelProto) -> list[str]:
-    inits = {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    """Gathers from a 2-D table (expert tables, 3-D, are ``quantize_experts``')."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Gather" and len(getattr(inits.get(n.input[0]), "dims", ())) == 2
+    ]
 
 
 def _int8_weight_only_qdq(model: onnx.ModelProto) -> onnx.ModelProto:

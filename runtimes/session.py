@@ -6,6 +6,13 @@
     logits = session.step(next_token)                         # [V]
     blob = session.save_state()                               # safetensors bytes
     session.load_state(blob)                                  # resume exactly there
+    for piece in session.generate("def ", 100):               # text in, text out (batch 1)
+        print(piece, end="")
+
+Text goes through ``session.tokenizer`` (``edgeseq.tokenizer``): the bundle's own
+``tokenizer.json`` when it carries one, else bytes. ``prefill_text`` feeds a prompt's
+text; ``generate_ids`` samples ids from there (up to an EOS), ``generate`` decodes them
+as they come, never splitting a UTF-8 character.
 
 The session holds the state as the step graph's inputs (``past.*`` and, with attention,
 ``position``) and after every call feeds each ``present.*`` output back into the input
@@ -20,7 +27,7 @@ vocabulary before a runner sees them. Every error it raises is an ``EdgeseqError
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -31,6 +38,7 @@ import safetensors.numpy
 from edgeseq.errors import EdgeseqError
 from edgeseq.export.spec import GraphIO
 from edgeseq.runtimes.base import FeedError, GraphIOError, Runner
+from edgeseq.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer
 
 POSITION = "position"
 
@@ -41,6 +49,17 @@ class StateError(EdgeseqError):
 
 class SessionError(EdgeseqError):
     """A session was built from something it cannot stream with."""
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    """One token id from logits [V]: greedy at temperature 0, else from the ``top_k`` most likely."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k and top_k < z.size:
+        z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
+    p = np.exp(z - z.max())
+    return int(rng.choice(z.size, p=p / p.sum()))
 
 
 def _check_runner(role: str, runner: object) -> None:
@@ -65,6 +84,7 @@ class StreamingSession:
         self.io = io or step_runner.io
         self.batch = int(batch)
         self.flavor: str | None = None  # the bundle's graph flavor, when opened with from_bundle
+        self.tokenizer: Tokenizer = ByteTokenizer()  # from_bundle: the bundle's own
         logits = next((t for t in self.io.outputs if t.name == "logits"), None)
         # token ids run from 0 to vocab_size - 1 (None: the graph does not fix the vocabulary)
         self.vocab_size = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else None
@@ -110,6 +130,8 @@ class StreamingSession:
             prefill.deactivate()
             raise
         session.flavor = flavor
+        if TOKENIZER_FILE in manifest.get("files", {}):  # checked against its sha256 above; else bytes
+            session.tokenizer = load_tokenizer(root)
         return session
 
     def close(self) -> None:
@@ -182,6 +204,38 @@ class StreamingSession:
         """Consume one token per stream; logits [V] (or [B, V])."""
         logits = self._run(self.step_runner, self._ids(np.reshape(np.asarray(token), (-1, 1))))
         return logits[0] if self.batch == 1 else logits
+
+    # -- text -------------------------------------------------------------------------
+
+    def prefill_text(self, text: str) -> np.ndarray:
+        """Consume a prompt's text (its ``tokenizer.prompt_ids``, BOS first where the
+        tokenizer adds one); logits [V]. One stream only."""
+        if self.batch != 1:
+            raise SessionError("prefill_text feeds one stream; tokenize for a batch and call prefill([B, T] ids)")
+        self.tokenizer.check_vocab(self.vocab_size)
+        return self.prefill(self.tokenizer.prompt_ids(text))
+
+    def generate_ids(self, prompt: str, n: int, temperature: float = 0.8, top_k: int = 40,
+                     seed: int | None = None) -> Iterator[int]:  # fmt: skip
+        """Prefill ``prompt`` and yield up to ``n`` sampled ids; stops at the tokenizer's EOS."""
+        rng = np.random.default_rng(seed)
+        logits = self.prefill_text(prompt)
+        for _ in range(n):
+            token = sample(logits, temperature, top_k, rng)
+            if token in self.tokenizer.eos_ids:
+                return
+            yield token
+            logits = self.step(token)
+
+    def generate(self, prompt: str, n: int, temperature: float = 0.8, top_k: int = 40,
+                 seed: int | None = None) -> Iterator[str]:  # fmt: skip
+        """``generate_ids`` decoded as it goes: text pieces, none splitting a character."""
+        decoder = self.tokenizer.stream_decoder(after=self.tokenizer.prompt_ids(prompt))
+        for token in self.generate_ids(prompt, n, temperature, top_k, seed):
+            if piece := decoder.step(token):
+                yield piece
+        if rest := decoder.flush():
+            yield rest
 
     def _run(self, runner: Runner, ids: np.ndarray) -> np.ndarray:
         out = runner.infer({"input_ids": ids, **self._state})

@@ -75,3 +75,22 @@ def randomize_(module: torch.nn.Module, seed: int | None = None) -> int:
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return small_config()
+
+
+@torch.no_grad()
+def hf_parity(hf, ours, cache_kwargs, steps: int = 64, prompt: int = 13, batch: int = 2) -> tuple[float, list[float]]:
+    """Max abs logit error of an edgeseq model against transformers' own: at the prefill of
+    a random ``prompt``-token prompt (13: not a multiple of any test chunk size) and at each
+    of ``steps`` cached single-token decode steps. ``cache_kwargs(out, position)`` is how
+    the family hands its cache (and, where it needs them, positions) to the next call."""
+    vocab = ours.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt))
+    out = hf(ids, use_cache=True)
+    logits, state = ours(ids)
+    prefill = (out.logits - logits).abs().max().item()
+    errors = []
+    for i, token in enumerate(torch.randint(0, vocab, (steps, batch, 1))):
+        out = hf(token, use_cache=True, **cache_kwargs(out, torch.full((batch, 1), prompt + i)))
+        logits, state = ours.step(token, state)
+        errors.append((out.logits[:, -1] - logits).abs().max().item())
+    return prefill, errors

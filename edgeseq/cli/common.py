@@ -17,6 +17,7 @@ import importlib.util
 import json
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import click
@@ -112,6 +113,12 @@ COMPACT_TABLE: dict[str, Any] = {
 }
 
 model_argument = click.argument("model", default=DEFAULT_MODEL, metavar="[MODEL]")
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Config file for a model whose weights come apart from it (a training run's .pt): mamba_ssm config.json.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
 
 

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 
 from edgeseq.choices import DEVICES, FLAVORS, PRECISIONS
-from edgeseq.cli.common import COMPACT_TABLE, _emit_json, json_option, main, require_toolchain
+from edgeseq.cli.common import COMPACT_TABLE, _emit_json, config_option, json_option, main, require_toolchain
 from edgeseq.deploy.runtimes import TENSORRT
 from edgeseq.errors import EdgeseqError
 from edgeseq.width import WidthSpec
@@ -92,9 +92,10 @@ def _bundle_name(model: str | None, target: str, spec: WidthSpec | None, precisi
               help="Where the PyTorch reference runs during validation.")
 @click.option("--threads", type=int, help="onnxruntime threads during validation (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@config_option
 @json_option
 def export(model, target, width, widths, precision, memory_budget, min_tokens_per_s, int4_block_size, flavor, output,
-           steps, long_steps, no_validate, embed_reference, device, threads, overwrite, as_json):
+           steps, long_steps, no_validate, embed_reference, device, threads, overwrite, config_file, as_json):
     """Plan, extract, export, quantize, validate and bundle a submodel for a device.
 
     Without --width, the widest configuration that fits the target's memory (and
@@ -119,7 +120,8 @@ def export(model, target, width, widths, precision, memory_budget, min_tokens_pe
     req = ExportRequest(model, target, spec, output, flavor, precision, steps=steps, long_steps=long_steps,
                         validate=not no_validate, overwrite=overwrite, memory_budget=budget,
                         min_tokens_per_s=min_tokens_per_s, int4_block_size=int4_block_size,
-                        embed_reference=embed_reference, threads=threads, reference_device=device)
+                        embed_reference=embed_reference, threads=threads, reference_device=device,
+                        config=None if config_file is None else str(config_file))
     console = Console(stderr=as_json)
     printer = _progress_printer(console)
     try:
@@ -222,7 +224,7 @@ def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golde
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--prompt", default="def ", show_default=True)
-@click.option("-n", "n", type=int, default=200, show_default=True, help="Bytes to generate.")
+@click.option("-n", "n", type=int, default=200, show_default=True, help="Tokens to generate.")
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="0 samples greedily.")
 @click.option("--top-k", type=int, default=40, show_default=True)
 @click.option("--seed", type=int, default=None)
@@ -231,7 +233,8 @@ def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golde
               help="Runtime threads (default: the target profile's, at most this machine's cores; 0: all cores).")
 @json_option
 def run(bundle, prompt, n, temperature, top_k, seed, flavor, threads, as_json):
-    """Stream text from a bundle through onnxruntime; PyTorch is not imported.
+    """Stream text from a bundle through onnxruntime; PyTorch is not imported. Text goes
+    through the bundle's tokenizer.json when it carries one, else bytes.
 
     \b
     Example:

@@ -18,6 +18,7 @@ from edgeseq.cli.common import (
     _count,
     _emit_json,
     _trained,
+    config_option,
     json_option,
     main,
     model_argument,
@@ -36,8 +37,9 @@ SIZE_NOTE = (
 @main.command()
 @model_argument
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Read MODEL as this checkpoint format.")
+@config_option
 @json_option
-def inspect(model: str, fmt: str | None, as_json: bool) -> None:
+def inspect(model: str, fmt: str | None, config_file: Path | None, as_json: bool) -> None:
     """Show a model's size at each of its nested widths.
 
     One row per width: parameters, weight bytes at fp32/fp16/int8/int4 and the decode
@@ -52,7 +54,7 @@ def inspect(model: str, fmt: str | None, as_json: bool) -> None:
     from edgeseq.sizing import layer_pattern, nested_sizes
     from edgeseq.zoo import load_model
 
-    lm, metadata = load_model(model, fmt)
+    lm, metadata = load_model(model, fmt, config=config_file)
     config = lm.config
     rows = nested_sizes(config)
     header = {
@@ -121,8 +123,10 @@ def _dir_bytes(path: Path) -> int:
     help="Checkpoint format to write.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@config_option
 @json_option
-def extract(model: str, width: str | None, widths: str | None, output: Path, fmt: str, overwrite: bool, as_json: bool):
+def extract(model: str, width: str | None, widths: str | None, output: Path, fmt: str, overwrite: bool,
+            config_file: Path | None, as_json: bool):  # fmt: skip
     """Cut the submodel at a width out of a nested model and save it.
 
     The output is written atomically: nothing appears at OUTPUT unless the whole
@@ -141,11 +145,12 @@ def extract(model: str, width: str | None, widths: str | None, output: Path, fmt
     from edgeseq.sizing import kept_per_layer, size_of
     from edgeseq.zoo import load_model
 
-    lm, metadata = load_model(model)
+    lm, metadata = load_model(model, config=config_file)
+    source = f"{model} --config {config_file}" if config_file else model
     config = lm.config
     spec = _width_spec(width, widths, config.n_layer)
     layer_widths = resolve(config, spec)
-    exact, warning = exact_width(config, spec), untrained_warning(config, spec)
+    exact, warning = exact_width(config, spec), untrained_warning(config, spec, source)
     sub = extract_model(lm, spec)
     provenance = {k: v for k, v in metadata.items() if k not in ("format", "name")}
     label = exact.split(" = ")[0]
@@ -212,8 +217,9 @@ def _print_extracted(doc: dict[str, Any]) -> None:
 @click.option("--width", "widths", multiple=True, help="Width to evaluate (repeatable); default: every nested width.")
 @click.option("--tokens", type=int, default=0, help="Evaluate only the first N tokens of the sample (0: all).")
 @click.option("--segments", type=int, default=16, show_default=True, help="Sample pieces evaluated side by side.")
+@config_option
 @json_option
-def eval_(model: str, widths: tuple[str, ...], tokens: int, segments: int, as_json: bool) -> None:
+def eval_(model: str, widths: tuple[str, ...], tokens: int, segments: int, config_file: Path | None, as_json: bool) -> None:
     """Held-out bits per byte at each nested width, on the sample shipped with edgeseq.
 
     \b
@@ -222,16 +228,14 @@ def eval_(model: str, widths: tuple[str, ...], tokens: int, segments: int, as_js
       edgeseq eval hybrid-tiny --width 0.5 --tokens 32768 --segments 4 --json
     """
     require_toolchain("eval")
-    import numpy as np
-
-    from edgeseq.data import load_sample
     from edgeseq.evaluate import bits_per_byte
+    from edgeseq.tokenizer import tokenize_sample, tokenizer_of
     from edgeseq.zoo import load_model
 
-    lm, metadata = load_model(model)
-    sample = load_sample()
-    if tokens:
-        sample = sample[: tokens + 1]
+    lm, metadata = load_model(model, config=config_file)
+    tokenizer = tokenizer_of(model)  # bytes for a built-in model; else the checkpoint's tokenizer.json, if any
+    tokenizer.check_vocab(lm.config.vocab_size)
+    sample = tokenize_sample(tokenizer, tokens + 1 if tokens else None)
     if segments < 1 or len(sample) - 1 < segments:
         raise EdgeseqError(f"--segments must be between 1 and {len(sample) - 1} for this sample")
     chosen = [WidthSpec.parse(w) for w in widths] or [WidthSpec.uniform(w) for w in lm.config.nested_widths]
@@ -240,8 +244,8 @@ def eval_(model: str, widths: tuple[str, ...], tokens: int, segments: int, as_js
         resolve(lm.config, spec)  # a bad width fails before any work
         bpb = bits_per_byte(lm, sample, spec, segments=segments)
         rows.append({"width": str(spec), "bits_per_byte": round(bpb, 5)})
-    doc = {"model": metadata.get("name", model), "trained": metadata.get("trained"), "tokens": int(np.size(sample) - 1),
-           "segments": segments, "results": rows}
+    doc = {"model": metadata.get("name", model), "trained": metadata.get("trained"), "tokens": len(sample) - 1,
+           "tokenizer": tokenizer.kind, "segments": segments, "results": rows}
     if as_json:
         _emit_json(doc)
         return
@@ -260,12 +264,13 @@ def eval_(model: str, widths: tuple[str, ...], tokens: int, segments: int, as_js
 @click.option("--model", "model", default=DEFAULT_MODEL, show_default=True, help="Built-in name or checkpoint dir.")
 @click.option("--width", default="1", show_default=True, help="Nested width to run at.")
 @click.option("--prompt", default="def ", show_default=True, help="Text the stream starts from.")
-@click.option("-n", "n", type=int, default=200, show_default=True, help="Bytes to generate.")
+@click.option("-n", "n", type=int, default=200, show_default=True, help="Tokens to generate.")
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="0 samples greedily.")
 @click.option("--top-k", type=int, default=40, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed, for repeatable output.")
+@config_option
 @json_option
-def generate(model: str, width: str, prompt: str, n: int, temperature: float, top_k: int, seed, as_json: bool):
+def generate(model: str, width: str, prompt: str, n: int, temperature: float, top_k: int, seed, config_file, as_json: bool):
     """Stream text from a model on the CPU through the reference path and report tokens/s.
 
     \b
@@ -273,7 +278,6 @@ def generate(model: str, width: str, prompt: str, n: int, temperature: float, to
       edgeseq generate --model mamba2-tiny --width 0.25 --prompt "def " -n 200
     """
     require_toolchain("generate", instead="stream from a bundle with `edgeseq run BUNDLE`")
-    import codecs
     import sys
 
     from edgeseq.generate import GenerationStats
@@ -282,30 +286,33 @@ def generate(model: str, width: str, prompt: str, n: int, temperature: float, to
     if n < 1:
         raise EdgeseqError("-n must be at least 1")
     from edgeseq.extract import extract as extract_model
+    from edgeseq.tokenizer import tokenizer_of
     from edgeseq.zoo import load_model
 
-    lm, _ = load_model(model)
+    lm, _ = load_model(model, config=config_file)
+    tokenizer = tokenizer_of(model)
     spec = WidthSpec.parse(width)
     resolve(lm.config, spec)
     if any(f != 1.0 for f in spec.fractions):
         lm = extract_model(lm, spec)  # slice once, not at every step
     stats: list[GenerationStats] = []
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    out = bytearray()
+    decoder = tokenizer.stream_decoder(after=tokenizer.prompt_ids(prompt))
+    pieces: list[str] = []
     if not as_json:
         sys.stdout.write(prompt)
-    for byte in stream(lm, prompt, n, None, temperature, top_k, seed, stats):
-        out.append(byte)
+    for token in stream(lm, prompt, n, None, temperature, top_k, seed, stats, tokenizer):
+        pieces.append(decoder.step(token))
         if not as_json:
-            sys.stdout.write(decoder.decode(bytes([byte])))
+            sys.stdout.write(pieces[-1])
             sys.stdout.flush()
+    pieces.append(decoder.flush())
     s = stats[0]
-    text = out.decode("utf-8", errors="replace")
+    text = "".join(pieces)
     if as_json:
         _emit_json({"prompt": prompt, "text": text, "width": str(spec), "new_tokens": s.new_tokens,
                     "tokens_per_s": round(s.tokens_per_s, 2), "prefill_s": round(s.prefill_s, 4)})
     else:
-        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+        sys.stdout.write(pieces[-1] + "\n")
         click.echo(f"-- {s.new_tokens} tokens at {s.tokens_per_s:.1f} tokens/s (width {spec}, CPU reference)", err=True)
 
 

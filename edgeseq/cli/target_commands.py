@@ -12,6 +12,7 @@ from edgeseq.cli.common import (
     _bytes,
     _count,
     _emit_json,
+    config_option,
     json_option,
     main,
     model_argument,
@@ -86,8 +87,9 @@ PLAN_NOTE = (
 @click.option("--memory-budget", help="Memory the model may use, e.g. '512 MiB' (default: the target's).")
 @click.option("--min-tokens-per-s", type=float, help="Mark configurations predicted slower than this.")
 @click.option("--streams", type=int, default=1, show_default=True, help="Concurrent streams (each has a state).")
+@config_option
 @json_option
-def plan(model, target, memory_budget, min_tokens_per_s, streams, as_json):
+def plan(model, target, memory_budget, min_tokens_per_s, streams, config_file, as_json):
     """What each width and precision costs on a target, and what `edgeseq export` would pick.
 
     Rows: every nested width, a Mix'n'Match model between each pair (first half of the
@@ -109,7 +111,7 @@ def plan(model, target, memory_budget, min_tokens_per_s, streams, as_json):
         raise EdgeseqError("--streams must be at least 1")
     t = get_target(target)
     budget = t.memory_bytes if memory_budget is None else parse_bytes(memory_budget)
-    lm, _ = load_model(model)
+    lm, _ = load_model(model, config=config_file)
     rows = plan_rows(lm.config, t, streams, min_tokens_per_s, budget)
     try:
         choice, why_not = choose(rows, t, budget, min_tokens_per_s), None

@@ -4,6 +4,9 @@
                              target, validation summary, sha256 of every other file
     <flavor>/step.onnx       one token for each of B streams
     <flavor>/prefill.onnx    a prompt of any length, chunked scan
+    tokenizer.json           only when the source checkpoint has one (with its
+                             tokenizer_config / special_tokens_map / generation_config
+                             .json); without, the model's ids are bytes (``edgeseq.tokenizer``)
     reference/               only with ``--embed-reference``: the extracted model (native,
                              fp32); otherwise the manifest names the source model and its
                              weights digest, and validation rebuilds the reference from it
@@ -17,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from edgeseq.errors import EdgeseqError
+from edgeseq.tokenizer import Tokenizer
 
 SCHEMA_VERSION = 1
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with a margin
@@ -53,6 +58,17 @@ def write_graph(path: Path, proto) -> None:
                         location=f"{path.name}.data", size_threshold=1024)
     else:
         onnx.save_model(proto, path)
+
+
+def carry_tokenizer(tokenizer: Tokenizer, root: Path, vocab_size: int) -> dict[str, Any] | None:
+    """Copy a tokenizer's files into the bundle at ``root`` (they are hashed with the rest);
+    -> the manifest's ``tokenizer`` entry. A tokenizer.json that does not fit the model is
+    refused; bytes that do not fit (a model of other ids, no tokenizer.json) give None."""
+    if tokenizer.files:
+        tokenizer.check_vocab(vocab_size)
+        for name in tokenizer.files:
+            shutil.copyfile(tokenizer.directory / name, root / name)
+    return tokenizer.describe() if tokenizer.fits(vocab_size) else None
 
 
 def sha256(path: Path) -> str:
@@ -135,8 +151,21 @@ def device_readme(manifest: dict[str, Any]) -> str:
         "with StreamingSession.from_bundle(\"path/to/this/bundle\") as session:",
         "    logits = session.prefill(prompt_ids)      # [V]",
         "    logits = session.step(int(logits.argmax()))",
+        "    session.reset()",
+        "    print(\"\".join(session.generate(\"def \", 100)))  # text in, text out",
         "```",
+        "",
+        _tokenizer_line(manifest.get("tokenizer")),
         "",
         f"Validation when exported: {manifest.get('validation', {}).get('summary', 'not run')}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _tokenizer_line(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "Token ids: the model's own; this bundle carries no tokenizer, so it streams ids, not text."
+    if entry["files"]:
+        return (f"Tokenizer: `tokenizer.json` ({entry['vocab_size']} ids, read with the `tokenizers` library; "
+                f"EOS {entry['eos_ids']}); `session.tokenizer` encodes and decodes.")  # fmt: skip
+    return "Tokenizer: bytes (ids 0-255 are the UTF-8 bytes of the text, 256 BOS, 257 EOS)."

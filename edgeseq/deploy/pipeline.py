@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from edgeseq.atomic import atomic_dir
-from edgeseq.deploy.bundle import device_readme, not_a_bundle, read_manifest, write_graph, write_manifest
+from edgeseq.deploy.bundle import (
+    carry_tokenizer,
+    device_readme,
+    not_a_bundle,
+    read_manifest,
+    write_graph,
+    write_manifest,
+)
 from edgeseq.deploy.runtimes import runnable_here, why_not_here
 from edgeseq.deploy.validation import ValidationFailedError, reference_model, resolve_device, validate_flavor
 from edgeseq.errors import EdgeseqError
@@ -36,6 +43,7 @@ from edgeseq.export.quantize import QuantOptions, quantize_graph
 from edgeseq.export.spec import graph_io
 from edgeseq.extract import extract
 from edgeseq.targets import Target, get_target
+from edgeseq.tokenizer import load_tokenizer, tokenizer_of
 from edgeseq.width import WidthSpec, exact_width, resolve, untrained_warning
 
 __all__ = ["ExportRequest", "ValidationFailedError", "export_bundle", "quantize_bundle"]
@@ -61,6 +69,7 @@ class ExportRequest:
     embed_reference: bool = False
     heldout: tuple[int, int] = (16, 512)  # bits-per-byte gate: streams x tokens
     reference_device: str = "auto"  # where the PyTorch reference runs: auto (CUDA when there is one), cpu, cuda
+    config: str | None = None  # config file of a model whose weights come apart from it (--config)
 
 
 Progress = Callable[[str, str], None]  # (stage, detail)
@@ -125,7 +134,10 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
     from edgeseq.zoo import load_model, weights_digest
 
     progress("load", f"{req.model or 'default model'}")
-    full, metadata = load_model(req.model)
+    full, metadata = load_model(req.model, config=req.config)
+    tokenizer = tokenizer_of(req.model)
+    if tokenizer.files:  # a tokenizer.json that does not fit the model fails before any work
+        tokenizer.check_vocab(full.config.vocab_size)
     if req.width is not None:
         resolve(full.config, req.width)  # a width that cannot be honoured fails here, before sizing
     chosen = plan_export(full.config, target, req)
@@ -136,7 +148,8 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
     label = exact.split(" = ")[0]
     if label != str(chosen.width):
         progress("width", f"{chosen.width} keeps {exact} of every layer's units")
-    if warning := untrained_warning(full.config, chosen.width):
+    named = f"{req.model or 'mamba2-tiny'}" + (f" --config {req.config}" if req.config else "")
+    if warning := untrained_warning(full.config, chosen.width, named):
         progress("warning", warning)
     progress("extract", f"width {label}")
     model = extract(full, chosen.width).float().eval()
@@ -153,6 +166,7 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
     source = {
         "model": req.model if req.model is None or not Path(req.model).exists() else str(Path(req.model).resolve()),
         "name": metadata.get("name"), "width": label, "weights_sha256": weights_digest(full),
+        **({"config": metadata["config_file"]} if "config_file" in metadata else {}),
     }  # fmt: skip
     manifest = {
         "model_name": metadata.get("name"),
@@ -167,6 +181,7 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
         "plan": {"row": chosen.row, "reasons": chosen.reasons},
         "io": {kind: graph_io(model.config, kind).to_dict() for kind in ("step", "prefill")},
         "reference": source,
+        "tokenizer": carry_tokenizer(tokenizer, tmp, model.config.vocab_size),
     }
     return write_bundle(tmp, req, model, graphs, manifest, progress)
 
@@ -234,6 +249,7 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
         new = {k: v for k, v in manifest.items() if k not in ("files", "schema_version", "validation", "graphs")}
         new |= {"precision": precision, "quantization": options.describe(), "quantized_from": str(source)}
         new["reference"] = {k: v for k, v in manifest["reference"].items() if k != "embedded"}
+        new["tokenizer"] = carry_tokenizer(load_tokenizer(source), tmp, model.config.vocab_size)
         req = ExportRequest(None, target.name, None, output, steps=steps, long_steps=long_steps, validate=validate,
                             overwrite=overwrite, threads=threads, embed_reference="embedded" in manifest["reference"])
         return write_bundle(tmp, req, model, graphs, new, progress)

@@ -87,7 +87,7 @@ def reference_model(bundle: Path, manifest: dict, device: str, override: str | N
         model, _ = load_checkpoint(bundle / ref["embedded"], "native")
         return model.float().eval(), device
     source = override or ref.get("model")
-    full, _ = load_model(source)
+    full, _ = load_model(source, config=None if override else ref.get("config"))
     if weights_digest(full) != ref.get("weights_sha256"):
         where = f"--reference {override}" if override else f"the source model {source or 'mamba2-tiny'}"
         raise EdgeseqError(f"{where} is not the model {bundle} was exported from (weights differ); "
@@ -141,8 +141,8 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
     and decode (``edgeseq.validate.heldout.feeding_plan``). Candidate runners come from ``edgeseq.deploy.runtimes``, placed on the
     target's execution providers; ``threads`` (None: all cores) is this machine's.
     ``progress(done, total)`` is called after every candidate call."""
-    from edgeseq.data import PAD
     from edgeseq.runtimes.torch_runner import TorchRunner
+    from edgeseq.tokenizer import TokenizerError, load_tokenizer
     from edgeseq.validate import compare
     from edgeseq.validate.heldout import heldout_gate
 
@@ -151,8 +151,9 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
     limit = model.config.stream_limit()
     if limit is not None:
         steps, long_steps = min(steps, limit), min(long_steps, limit)
-    if heldout is not None and model.config.vocab_size <= PAD:
-        heldout, skipped = None, "the model's vocabulary is not bytes"
+    tokenizer = load_tokenizer(bundle)  # the bundle's tokenizer.json, else bytes
+    if heldout is not None and not tokenizer.fits(model.config.vocab_size):
+        heldout, skipped = None, "the model's vocabulary is not bytes and the bundle carries no tokenizer.json"
     else:
         skipped = "not asked" if heldout is None else None
     if heldout is not None and limit is not None:  # a window of tokens + 1 bytes must fit a global attention cache
@@ -181,7 +182,11 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
             return FlavorValidation(result, heldout_skipped=skipped)
         if not result:  # the verdict is already no; the gate would only cost time
             return FlavorValidation(result, heldout_skipped="the comparison failed")
-        gate = heldout_gate(ref_step, cand_step, step_io, precision, *heldout, prefill=(ref_pre, cand_pre, prefill_io))
+        try:
+            gate = heldout_gate(ref_step, cand_step, step_io, precision, *heldout,
+                                prefill=(ref_pre, cand_pre, prefill_io), tokenizer=tokenizer)  # fmt: skip
+        except TokenizerError as e:  # its vocabulary cannot be put per byte: the comparison alone judges
+            return FlavorValidation(result, heldout_skipped=str(e))
         return FlavorValidation(result, gate)
     finally:
         for r in runners:

@@ -1,5 +1,5 @@
-"""Checkpoint families: one module per format (``hf``, ``hf_bamba``, ``mamba_ssm``,
-``native``), each registered with ``@register`` in ``edgeseq.families.base``, which also
+"""Checkpoint families: one module per format (``hf``, ``hf_bamba``, ``hf_falcon_h1``,
+``hf_granite_hybrid``, ``hf_nemotron_h``, ``mamba_ssm``, ``native``), each registered with ``@register`` in ``edgeseq.families.base``, which also
 holds loading (``load_checkpoint``: names, shapes and values checked against the config)
 and atomic writing (``save_checkpoint``)."""
 
@@ -20,7 +20,7 @@ from edgeseq.families.base import (  # noqa: F401
 )
 
 # Register the built-in families (import for side effects).
-from edgeseq.families import (  # noqa: E402, F401  isort: skip
+from edgeseq.families import (  # noqa: F401  isort: skip
     hf_bamba,
     hf_falcon_h1,
     hf_granite_hybrid,

@@ -6,6 +6,10 @@ Checkpoint families: one module per format, registered with ``@register``.
 A family recognises its directories (``detect``), reads a config and tensors renamed to
 the native names (``read``), and may write (``write``). ``load_model`` checks every
 tensor's name, shape and values against the config before building the model.
+
+A family with ``reads_config_file`` also reads weights kept apart from their config: a
+single weights file (a training run's ``.pt``) or a directory, with ``config=FILE`` (the
+CLI's ``--config``). Detection then looks at that config file.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class Family:
     name: ClassVar[str]
     description: ClassVar[str]
     writable: ClassVar[bool] = False
+    reads_config_file: ClassVar[bool] = False  # read() takes config=FILE (weights apart from config.json)
+    # Families are asked in this order, lower first: one that knows its configs by their structure
+    # goes before those matching a model_type tag that another format's config may also carry.
+    detect_order: ClassVar[int] = 0
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -53,7 +61,8 @@ class Family:
 
     @classmethod
     def read(cls, path: Path) -> tuple[ModelConfig, Iterable[tuple[str, torch.Tensor]], dict[str, Any]]:
-        """-> config, (native name, tensor) pairs, metadata."""
+        """-> config, (native name, tensor) pairs, metadata. Families with ``reads_config_file``
+        also take ``config=FILE``, and then ``path`` may be a weights file."""
         raise NotImplementedError
 
     @classmethod
@@ -84,9 +93,10 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def peek_json(path: Path) -> dict[str, Any] | None:
-    """config.json of a directory as a dict, or None where there is none that parses
-    (detection must not fail: the chosen family's read reports a damaged file)."""
-    cfg = path / "config.json"
+    """config.json of a directory (or a .json config file itself) as a dict, or None where
+    there is none that parses (detection must not fail: the chosen family's read reports a
+    damaged file)."""
+    cfg = path if path.suffix == ".json" and path.is_file() else path / "config.json"
     if not cfg.is_file():
         return None
     try:
@@ -117,13 +127,17 @@ def get_family(name: str) -> type[Family]:
 
 
 def detect_family(path: Path) -> type[Family]:
+    """The family of a checkpoint directory, or of a config file given apart from its weights."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a model directory or a built-in model name")
-    for family in FAMILIES.values():
+    if path.is_file() and path.suffix != ".json":
+        raise CheckpointError(f"{path} is a weights file; give its directory, or its config with --config FILE")
+    for family in sorted(FAMILIES.values(), key=lambda f: f.detect_order):
         if family.detect(path):
             return family
-    if (path / "config.json").is_file():
-        read_json(path / "config.json")  # a damaged config.json gets its own error, not "unknown format"
+    config = path if path.is_file() else path / "config.json"
+    if config.is_file():
+        read_json(config)  # a damaged config.json gets its own error, not "unknown format"
     raise UnknownFormatError(f"{path} is in no known checkpoint format; known formats: {known_formats()}")
 
 
@@ -159,13 +173,26 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
     return model
 
 
-def load_checkpoint(path: str | Path, format: str | None = None, dtype=torch.float32) -> tuple[NestedLM, dict[str, Any]]:
-    """(model, metadata) from a checkpoint directory or file in any registered format."""
+def load_checkpoint(
+    path: str | Path, format: str | None = None, dtype=torch.float32, config: str | Path | None = None
+) -> tuple[NestedLM, dict[str, Any]]:
+    """(model, metadata) from a checkpoint directory in any registered format; with ``config``
+    (a config file), from a weights file or directory that a ``reads_config_file`` family reads."""
     path = Path(path)
-    family = get_family(format) if format else detect_family(path)
-    config, tensors, metadata = family.read(path)
+    if config is None:
+        family = get_family(format) if format else detect_family(path)
+        model_config, tensors, metadata = family.read(path)
+    else:
+        family = get_family(format) if format else detect_family(Path(config))
+        if not family.reads_config_file:
+            takers = ", ".join(n for n, f in sorted(FAMILIES.items()) if f.reads_config_file)
+            raise UsageError(f"--config works for format {takers} only; a {family.name} checkpoint keeps "
+                             "config.json beside its weights, so give its directory without --config")  # fmt: skip
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist; give the weights file or its directory")
+        model_config, tensors, metadata = family.read(path, config=Path(config))
     metadata = {"format": family.name, **metadata}
-    return build_model(config, tensors, dtype), metadata
+    return build_model(model_config, tensors, dtype), metadata
 
 
 def save_checkpoint(model: NestedLM, path: str | Path, format: str = "native", metadata=None, overwrite=False) -> Path:

@@ -78,19 +78,14 @@ def _layers(raw: dict[str, Any], n_layer: int) -> tuple[LayerSpec, ...]:
     return tuple(LayerSpec.of(ATTENTION.name if i in attn else MAMBA2.name, mlp=True) for i in range(n_layer))
 
 
-def read_config(raw: dict[str, Any]) -> ModelConfig:
-    """ModelConfig of an HF BambaConfig dict; optional keys default as in BambaConfig."""
-    check_silu(raw)
-    if lookup(raw, "mlp_bias", default=False):
-        raise CheckpointError("mlp_bias is not supported (edgeseq's gated MLP has no biases)")
-    d_model = lookup(raw, "hidden_size")
-    n_layer = lookup(raw, "num_hidden_layers")
+def mamba_params(raw: dict[str, Any], d_model: int) -> Mamba2Params:
+    """The ``mamba_*`` keys of a Bamba-style config (Bamba, Granite 4.0-H), defaults as in BambaConfig."""
     heads = lookup(raw, "mamba_n_heads", default=128)
     expand = lookup(raw, "mamba_expand", default=2)
     headdim = lookup(raw, "mamba_d_head", default="auto")
     if headdim == "auto":
-        headdim = expand * d_model // heads
-    mamba = Mamba2Params(
+        headdim = int(expand * d_model) // heads
+    return Mamba2Params(
         d_state=lookup(raw, "mamba_d_state", default=256),
         headdim=headdim,
         ngroups=lookup(raw, "mamba_n_groups", default=1),
@@ -101,6 +96,16 @@ def read_config(raw: dict[str, Any]) -> ModelConfig:
         conv_bias=lookup(raw, "mamba_conv_bias", default=True),
         proj_bias=lookup(raw, "mamba_proj_bias", default=False),
     )
+
+
+def read_config(raw: dict[str, Any]) -> ModelConfig:
+    """ModelConfig of an HF BambaConfig dict; optional keys default as in BambaConfig."""
+    check_silu(raw)
+    if lookup(raw, "mlp_bias", default=False):
+        raise CheckpointError("mlp_bias is not supported (edgeseq's gated MLP has no biases)")
+    d_model = lookup(raw, "hidden_size")
+    n_layer = lookup(raw, "num_hidden_layers")
+    mamba = mamba_params(raw, d_model)
     q_heads = lookup(raw, "num_attention_heads")
     theta, fraction = _rope(raw)
     bias = lookup(raw, "attention_bias", default=False)

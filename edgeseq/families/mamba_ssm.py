@@ -1,9 +1,18 @@
 """Checkpoint family: mamba_ssm's ``MambaLMHeadModel``, and MatMamba's, which shares its names.
 
 A directory holds ``config.json`` (a ``MambaConfig``: d_model, n_layer, ssm_cfg, attn_cfg, ...)
-and its weights in ``model.safetensors`` or ``pytorch_model.bin``. The ``.bin`` is a pickle: it
-is read only through ``torch.load(weights_only=True)``, which refuses any pickle that would
-import and call code, so a hostile file is rejected before anything in it runs.
+and its weights in ``model.safetensors`` or ``pytorch_model.bin``, a pickle read without running
+its code (``edgeseq.families.state_dicts``).
+
+Training checkpoints are read too: one weights file (MatMamba's trainer writes
+``best_model_*.pt``: DistributedDataParallel's ``module.`` before every key) with its config
+given apart (``config=FILE``, the CLI's ``--config``). The wrapper's prefixes are dropped, and a
+state dict saved inside a dict (``{"model": ..., "optimizer": ..., "step": ...}``) is read from
+under its key.
+
+A config.json is recognised by its structure (an ``ssm_cfg`` block, no HF ``hidden_size``), and
+before the HF families, so that a ``model_type`` tag added to it (hub uploads do) does not hand
+it to a family that matches on model_type alone.
 
 How upstream maps onto edgeseq:
 
@@ -28,19 +37,18 @@ How upstream maps onto edgeseq:
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from edgeseq.config import LayerSpec, ModelConfig
 from edgeseq.errors import CheckpointError
 from edgeseq.families.base import Family, lookup, peek_json, read_json, read_safetensors, register
+from edgeseq.families.state_dicts import load_pickled, strip_wrapper_prefixes
 from edgeseq.kinds import get_kind
 from edgeseq.kinds.attention import ATTENTION, AttentionParams
 from edgeseq.kinds.mamba2 import MAMBA2, Mamba2Params
@@ -74,26 +82,38 @@ class _Layout:
 class MambaSsm(Family):
     name = "mamba_ssm"
     description = "mamba_ssm / MatMamba MambaLMHeadModel (config.json + pytorch_model.bin or model.safetensors)"
+    reads_config_file = True
+    detect_order = -1  # its configs are known by structure; HF families match on model_type alone
 
     @classmethod
     def detect(cls, path: Path) -> bool:
-        raw = peek_json(path)
-        # HF configs carry model_type ("mamba2", "bamba"); native ones carry the format tag
-        if raw is None or "model_type" in raw or raw.get("format") == NATIVE_TAG:
-            return False
-        return "ssm_cfg" in raw or ("d_model" in raw and "n_layer" in raw)
+        return is_mamba_ssm_config(peek_json(path))
 
     @classmethod
-    def read(cls, path: Path):
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is not a directory; give the mamba_ssm checkpoint directory")
-        raw = read_json(path / "config.json")
+    def read(cls, path: Path, config: Path | None = None):
+        if config is None and not path.is_dir():
+            raise CheckpointError(f"{path} is not a directory; give the checkpoint directory, or --config FILE with it")
+        config_file = path / "config.json" if config is None else config
+        raw = read_json(config_file)
         if not isinstance(raw, dict):
-            raise CheckpointError(f"{path / 'config.json'} must hold a JSON object; regenerate it")
+            raise CheckpointError(f"{config_file} must hold a JSON object; regenerate it")
         tensors = load_weights(path)
-        config, layout, metadata = _config(raw, tensors)
+        model_config, layout, metadata = _config(raw, tensors)
+        if config is not None:  # a bundle's manifest records it, so the reference can be rebuilt
+            metadata["config_file"] = str(config.resolve())
         renamed = (pair for name, t in tensors.items() for pair in rename(name, t, layout))
-        return config, renamed, metadata
+        return model_config, renamed, metadata
+
+
+def is_mamba_ssm_config(raw: dict[str, Any] | None) -> bool:
+    """Whether a config.json is a mamba_ssm ``MambaConfig``: json.dump of its fields always has
+    an ``ssm_cfg`` block. HF configs have ``hidden_size`` (XLNet's have none, but say d_model and
+    n_layer too, so those alone count only without a model_type); native ones a format tag."""
+    if raw is None or raw.get("format") == NATIVE_TAG or "hidden_size" in raw:
+        return False
+    if isinstance(raw.get("ssm_cfg"), dict):
+        return True
+    return "model_type" not in raw and "d_model" in raw and "n_layer" in raw
 
 
 def rename(name: str, t: Tensor, layout: _Layout) -> Iterator[tuple[str, Tensor]]:
@@ -134,32 +154,18 @@ def rename(name: str, t: Tensor, layout: _Layout) -> Iterator[tuple[str, Tensor]
 
 # ---- weights ---------------------------------------------------------------------------
 def load_weights(path: Path) -> dict[str, Tensor]:
-    """model.safetensors if present, else pytorch_model.bin read without running pickled code."""
-    if (path / "model.safetensors").is_file():
-        return read_safetensors(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return _load_pickle(path / "pytorch_model.bin")
-    raise CheckpointError(f"{path} has neither model.safetensors nor pytorch_model.bin; put the weights there")
-
-
-def _load_pickle(path: Path) -> dict[str, Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it would import {found[1]}" if found else "it is not a plain pickle of tensors"
-        raise CheckpointError(
-            f"{path} refused unread: {what}; edgeseq never runs pickled code, "
-            "so re-download it or convert it to model.safetensors where you trust its source"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is truncated or corrupt ({reason}); re-download or re-export it") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-        raise CheckpointError(
-            f"{path} does not hold a flat state dict of tensors; save model.state_dict() itself, not a wrapper"
-        )
-    return obj
+    """The state dict of a weights file, or of a directory's model.safetensors (else its
+    pytorch_model.bin), pickles read without running their code; wrapper prefixes dropped."""
+    if path.is_file():
+        file = path
+    elif (path / "model.safetensors").is_file():
+        file = path / "model.safetensors"
+    elif (path / "pytorch_model.bin").is_file():
+        file = path / "pytorch_model.bin"
+    else:
+        raise CheckpointError(f"{path} has neither model.safetensors nor pytorch_model.bin; put the weights there")
+    tensors = read_safetensors(file) if file.suffix == ".safetensors" else load_pickled(file)
+    return strip_wrapper_prefixes(tensors)
 
 
 # ---- config ----------------------------------------------------------------------------
@@ -191,7 +197,9 @@ def _config(raw: dict[str, Any], tensors: dict[str, Tensor]) -> tuple[ModelConfi
     attention = _attention_params(attn, d_model) if attn_idx else None
     vocab, vocab_unpadded = _vocab(raw, tensors)
     d_mlp = _d_mlp(raw, tensors)
-    layers = tuple(LayerSpec.of(ATTENTION.name if i in attn_idx else MAMBA2.name, mlp=d_mlp > 0) for i in range(n_layer))
+    layers = tuple(
+        LayerSpec.of(ATTENTION.name if i in attn_idx else MAMBA2.name, mlp=d_mlp > 0) for i in range(n_layer)
+    )
     try:
         config = ModelConfig(
             d_model=d_model,
@@ -219,7 +227,7 @@ def _config(raw: dict[str, Any], tensors: dict[str, Tensor]) -> tuple[ModelConfi
 
 
 def _ssm_layer(ssm: dict[str, Any], tensors: dict[str, Tensor], mamba_idx: list[int]) -> str | None:
-    """"Mamba2" or "MatMamba2" (None without SSM layers). Without a "layer" key mamba_ssm
+    """ "Mamba2" or "MatMamba2" (None without SSM layers). Without a "layer" key mamba_ssm
     builds Mamba1 and MatMamba builds MatMamba2; the weights tell which (Mamba2 has dt_bias)."""
     kind = ssm.pop("layer", None)
     if not mamba_idx:
@@ -227,7 +235,7 @@ def _ssm_layer(ssm: dict[str, Any], tensors: dict[str, Tensor], mamba_idx: list[
     if kind is None:
         if f"backbone.layers.{mamba_idx[0]}.mixer.dt_bias" not in tensors:
             raise CheckpointError(
-                'config.json has no ssm_cfg.layer and the weights are Mamba1, which edgeseq cannot run; '
+                "config.json has no ssm_cfg.layer and the weights are Mamba1, which edgeseq cannot run; "
                 'use a Mamba2 checkpoint (ssm_cfg.layer "Mamba2")'
             )
         kind = "MatMamba2"

@@ -9,11 +9,14 @@ from edgeseq.reference.attention import attention_prefill_ref, attention_step_re
 from edgeseq.reference.layers import (
     causal_conv1d_ref,
     causal_conv1d_step_ref,
+    gate_ref,
     gated_mlp_ref,
     gated_rmsnorm_ref,
+    relu2_mlp_ref,
     rmsnorm_ref,
     rope_ref,
 )
+from edgeseq.reference.moe import moe_experts_ref, moe_ref, moe_route_ref
 from edgeseq.reference.ssd import segsum, ssd_scan_ref, ssd_sequential_ref, ssd_step_ref
 
 __all__ = [
@@ -21,8 +24,13 @@ __all__ = [
     "attention_step_ref",
     "causal_conv1d_ref",
     "causal_conv1d_step_ref",
+    "gate_ref",
     "gated_mlp_ref",
     "gated_rmsnorm_ref",
+    "moe_experts_ref",
+    "moe_ref",
+    "moe_route_ref",
+    "relu2_mlp_ref",
     "ring_positions",
     "rmsnorm_ref",
     "rope_ref",

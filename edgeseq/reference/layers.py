@@ -54,6 +54,15 @@ def rmsnorm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (weight.to(xf.dtype) * xf).to(x.dtype)
 
 
+def gate_ref(x: Tensor, z: Tensor) -> Tensor:
+    """Mamba2's output gate without the norm: x * silu(z) (Falcon-H1's ``mamba_rms_norm=False``).
+
+    x, z (..., c). Returns x's dtype.
+    """
+    dt = _compute_dtype(x)
+    return (x.to(dt) * F.silu(z.to(dt))).to(x.dtype)
+
+
 def gated_rmsnorm_ref(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
     """Mamba2's output norm: RMSNorm(x * silu(z)) over groups of ``group_size`` channels.
 
@@ -64,6 +73,11 @@ def gated_rmsnorm_ref(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_si
     groups = y.unflatten(-1, (-1, group_size))  # (..., g, c/g)
     groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.to(dt) * groups.flatten(-2)).to(x.dtype)
+
+
+def relu2_mlp_ref(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """Nemotron-H's MLP, no gate: down(relu(up(x))²). x (..., d), w_up (f, d), w_down (d, f)."""
+    return F.linear(F.relu(F.linear(x, w_up)).square(), w_down)
 
 
 def gated_mlp_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, act=F.silu) -> Tensor:

@@ -7,6 +7,11 @@ the candidate take the same ``streams`` windows of the shipped held-out sample, 
 as one stream per batch row, each side feeding back its own state, so the two differ only
 by the runtime and its precision. Given the prefill graphs too, each window is fed as an
 app feeds it (``feeding_plan``): prompts through prefill, the rest through decode steps.
+
+A model with its own tokenizer (a bundle's ``tokenizer.json``) is fed the held-out text in
+its vocabulary (``edgeseq.tokenizer.tokenize_sample``), and its bits per token are put per
+byte by dividing by the mean UTF-8 bytes per token of its windows, so the delta limit
+means about the same for every vocabulary; for bytes, every target is one byte as before.
 """
 
 from __future__ import annotations
@@ -69,14 +74,29 @@ class HeldoutResult:
         return asdict(self) | {"delta": self.delta, "passed": self.passed, "limits": asdict(TOLERANCES[self.precision])}
 
 
-def heldout_windows(streams: int = 16, tokens: int = 512, seed: int = 0) -> np.ndarray:
-    """``streams`` windows of ``tokens + 1`` bytes from the shipped held-out sample, [S, T+1]."""
-    from edgeseq.data import load_sample
+def heldout_windows(streams: int = 16, tokens: int = 512, seed: int = 0, tokenizer=None) -> np.ndarray:
+    """``streams`` windows of ``tokens + 1`` ids from the shipped held-out sample, [S, T+1]:
+    bytes, or the sample tokenized by ``tokenizer`` (an ``edgeseq.tokenizer.Tokenizer``)."""
+    return _windows(streams, tokens, seed, tokenizer)[0]
 
-    sample = load_sample()
+
+def _windows(streams: int, tokens: int, seed: int, tokenizer) -> tuple[np.ndarray, float]:
+    """(windows [S, T+1], UTF-8 bytes per target token over them: 1.0 for bytes)."""
+    from edgeseq.data import load_sample
+    from edgeseq.tokenizer import ByteTokenizer, tokenize_sample
+
+    if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
+        sample, nbytes = load_sample(), None
+    else:  # enough text for windows that rarely overlap, not the whole sample
+        text = tokenize_sample(tokenizer, limit=max(8 * streams * (tokens + 1), 1 << 16))
+        sample, nbytes = text.ids, text.nbytes
     rng = np.random.default_rng(seed)
     starts = rng.choice(len(sample) - tokens - 1, size=streams, replace=False)
-    return np.stack([sample[s : s + tokens + 1] for s in starts]).astype(np.int64)
+    windows = np.stack([sample[s : s + tokens + 1] for s in starts]).astype(np.int64)
+    if nbytes is None:
+        return windows, 1.0
+    held = sum(int(nbytes[s + 1 : s + tokens + 1].sum()) for s in starts)
+    return windows, max(held, 1) / (streams * tokens)
 
 
 def feeding_plan(tokens: int, prefill: bool) -> list[tuple[str, int, int]]:
@@ -97,15 +117,16 @@ def feeding_plan(tokens: int, prefill: bool) -> list[tuple[str, int, int]]:
 
 
 def heldout_gate(reference, candidate, io: GraphIO, precision: str, streams: int = 16, tokens: int = 512,
-                 prefill: tuple | None = None) -> HeldoutResult:  # fmt: skip
+                 prefill: tuple | None = None, tokenizer=None) -> HeldoutResult:  # fmt: skip
     """Feed the same held-out windows through both sides, one stream per batch row, each
     side feeding back its own state, and score every next byte a call predicts on both.
 
     reference, candidate: step runners. prefill: (reference, candidate, io) prefill
     runners; given, each window is fed per ``feeding_plan`` (prompt, decode, prompt,
     decode), so the gate judges the prefill graphs and the state they hand to decode.
-    Each prefill call predicts one byte (the one after its prompt), each step one."""
-    windows = heldout_windows(streams, tokens)
+    Each prefill call predicts one byte (the one after its prompt), each step one.
+    tokenizer: the model's own (None: bytes); a TokenizerError says it cannot map to bytes."""
+    windows, bytes_per_token = _windows(streams, tokens, 0, tokenizer)
     pairs = dict(io.state_pairs)
     after_prefill = {"kl": 0.0, "hits": 0, "n": 0}
     graphs = {"step": ((reference, candidate), io)}
@@ -139,5 +160,6 @@ def heldout_gate(reference, candidate, io: GraphIO, precision: str, streams: int
             for t in range(start, end):
                 call(kind, windows[:, t : t + 1], windows[:, t + 1])
     m = after_prefill["n"]
-    return HeldoutResult(nats[0] / n / math.log(2), nats[1] / n / math.log(2), hits / n, kl / n, n, precision,
+    bits = [nats[side] / n / math.log(2) / bytes_per_token for side in (0, 1)]
+    return HeldoutResult(bits[0], bits[1], hits / n, kl / n, n, precision,
                          after_prefill["hits"] / m if m else None, after_prefill["kl"] / m if m else None, m)  # fmt: skip

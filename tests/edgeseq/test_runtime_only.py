@@ -99,7 +99,7 @@ def test_the_runtime_install_has_no_toolchain(venv):
     for module in TOOLCHAIN:
         result = in_venv(venv, "python", "-c", f"import {module}")
         assert result.returncode != 0 and f"No module named '{module}'" in result.stderr, module
-    result = in_venv(venv, "python", "-c", "import onnxruntime, numpy, safetensors, click, rich, edgeseq")
+    result = in_venv(venv, "python", "-c", "import onnxruntime, numpy, safetensors, click, rich, tokenizers, edgeseq")
     assert result.returncode == 0, result.stderr
     result = in_venv(venv, "edgeseq", "--help")
     assert result.returncode == 0 and "export" in result.stdout and "run" in result.stdout, result.stderr

@@ -12,6 +12,7 @@ import torch
 from edgeseq.export.graphs import build_graph
 from edgeseq.export.spec import graph_io
 from edgeseq.export.trt_plugins import PLUGINS
+from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.runtimes import plugin_ops
 from edgeseq.state import ModelState
 from tests.conftest import random_model, small_config
@@ -22,8 +23,14 @@ CONFIGS = {
     "hybrid-g2": lambda: small_config(),  # mamba2 (2 groups) + windowed and global GQA attention + MLPs
     "mamba-g1": lambda: small_config("M M+", ngroups=1, tie_embeddings=True),
     "parallel": lambda: small_config("A|M+ M S|M+"),  # Falcon-H1-style blocks: attention and Mamba2 side by side
+    # Falcon-H1's default Mamba2 output: the gate alone, no grouped RMSNorm
+    "mamba-no-norm": lambda: small_config(
+        "A|M+ M", mamba=Mamba2Params(d_state=8, headdim=4, ngroups=2, chunk_size=4, rmsnorm=False)
+    ),
     # Granite-style: a tied table whose looked-up rows are scaled (the head reads it unscaled)
-    "scaled-embedding": lambda: small_config("M+ A+", tie_embeddings=True, embedding_scale=float(np.random.uniform(2, 12))),
+    "scaled-embedding": lambda: small_config(
+        "M+ A+", tie_embeddings=True, embedding_scale=float(np.random.uniform(2, 12))
+    ),
 }
 
 

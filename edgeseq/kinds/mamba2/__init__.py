@@ -35,6 +35,7 @@ class Mamba2Params:
     dt_limit: tuple[float, float] = (0.0, math.inf)  # clamp of softplus(dt + dt_bias)
     conv_bias: bool = True  # conv1d carries a bias (mamba_ssm and HF default)
     proj_bias: bool = False  # in_proj/out_proj carry biases
+    rmsnorm: bool = True  # y = RMSNorm(y * silu(z)) (grouped, with ``norm.weight``); False: y * silu(z) (Falcon-H1)
 
     def n_heads(self, d_model: int) -> int:
         return whole(self.expand * d_model / self.headdim, "mamba.expand * d_model / headdim")
@@ -140,9 +141,10 @@ class Mamba2(LayerKind):
             "in_proj.weight": (2 * d_inner + bc + size, d),
             "conv1d.weight": (d_inner + bc, 1, m.d_conv),
             "dt_bias": (size,), "A_log": (size,), "D": (size,),
-            "norm.weight": (d_inner,),
             "out_proj.weight": (d, d_inner),
         }  # fmt: skip
+        if m.rmsnorm:
+            shapes["norm.weight"] = (d_inner,)
         if m.proj_bias:
             shapes |= {"in_proj.bias": (2 * d_inner + bc + size,), "out_proj.bias": (d,)}
         if m.conv_bias:

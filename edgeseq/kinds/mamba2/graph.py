@@ -85,8 +85,11 @@ def mamba2(g, flavor, config, heads: int, w: dict[str, np.ndarray], p: str, x: s
         raise ConfigError(f"the mamba2 layer has no {flavor.name!r} graph piece; use one of {sorted(CORES)}")
     core = CORES[flavor.name]
     y, present = core.mixer_core(g, flavor, SSMDims(H, G, P, N, m.chunk_size), weights, xBC, dt, past, rank)
-    y = gated_norm(g, g.op("Reshape", y, g.ints(*lead(rank), di)), z, g.vector(w, p, "norm.weight"), G, di,
-                   config.norm_eps, rank)
+    y = g.op("Reshape", y, g.ints(*lead(rank), di))
+    if m.rmsnorm:
+        y = gated_norm(g, y, z, g.vector(w, p, "norm.weight"), G, di, config.norm_eps, rank)
+    else:  # the gate alone (Falcon-H1's mamba_rms_norm=False)
+        y = g.op("Mul", y, g.silu(z))
     out = g.linear(y, g.matrix(w, p, "out_proj"), g.bias(w, p, "out_proj"))
     return out, present
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from edgeseq.reference import (
     causal_conv1d_ref,
     causal_conv1d_step_ref,
+    gate_ref,
     gated_rmsnorm_ref,
     ssd_scan_ref,
     ssd_step_ref,
@@ -46,7 +47,9 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = GatedNorm(d_inner)
+        self.rmsnorm = m.rmsnorm
+        if m.rmsnorm:
+            self.norm = GatedNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=m.proj_bias)
         self.kernels = False  # NestedLM.use_kernels: the custom ops instead of the reference calls
         self._init_ssm(m.dt_min, m.dt_max)
@@ -72,7 +75,10 @@ class Mamba2Mixer(nn.Module):
         return x, B, C, dt, A
 
     def _output(self, p: dict[str, Tensor], y: Tensor, z: Tensor, out_dtype: torch.dtype) -> Tensor:
-        y = gated_rmsnorm_ref(y, z, p["norm.weight"], self.eps, group_size=y.size(-1) // self.ngroups)
+        if self.rmsnorm:
+            y = gated_rmsnorm_ref(y, z, p["norm.weight"], self.eps, group_size=y.size(-1) // self.ngroups)
+        else:  # the gate alone (Falcon-H1's mamba_rms_norm=False)
+            y = gate_ref(y, z)
         return F.linear(y.to(out_dtype), p["out_proj.weight"], p.get("out_proj.bias"))
 
     def forward(self, p: dict[str, Tensor], u: Tensor, state: State, position: Tensor, kept: int):

@@ -69,3 +69,6 @@ class GatedMLP(LayerKind):
 
 
 MLP = register(GatedMLP)
+
+# The squared-ReLU MLP kind (Nemotron-H) lives beside it and registers itself on import.
+from edgeseq.kinds.mlp import relu2  # noqa: F401  isort: skip

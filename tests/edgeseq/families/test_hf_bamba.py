@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from edgeseq.errors import CheckpointError
 from edgeseq.families import load_checkpoint
 from edgeseq.families.hf_bamba import MAX_CONTEXT
-from tests.conftest import randomize_
+from tests.conftest import hf_parity, randomize_
 
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4  # max abs logit difference, fp32
-STEPS = 64
-PROMPT = 13  # not a multiple of the chunk size
+
+
+def cache(out, position) -> dict:
+    """How this family's transformers model takes its cache (and positions) back."""
+    return {"past_key_values": out.past_key_values, "position_ids": position}
 
 
 def bamba_kwargs(**overrides) -> dict:
@@ -37,24 +39,6 @@ def bamba_kwargs(**overrides) -> dict:
     }
     kwargs.update(overrides)
     return kwargs
-
-
-@torch.no_grad()
-def parity(hf, ours, batch: int = 2) -> tuple[float, list[float]]:
-    """Max abs logit error at prefill and at each of STEPS single-token decode steps."""
-    vocab = ours.config.vocab_size
-    prompt = torch.randint(0, vocab, (batch, PROMPT))
-    out = hf(prompt, use_cache=True)
-    logits, state = ours(prompt)
-    prefill = (out.logits - logits).abs().max().item()
-    errors = []
-    for i, token in enumerate(torch.randint(0, vocab, (STEPS, batch, 1))):
-        # transformers' Bamba counts positions from 0 unless told otherwise
-        position = torch.full((batch, 1), PROMPT + i)
-        out = hf(token, past_key_values=out.past_key_values, position_ids=position, use_cache=True)
-        logits, state = ours.step(token, state)
-        errors.append((out.logits[:, -1] - logits).abs().max().item())
-    return prefill, errors
 
 
 @pytest.mark.parametrize(
@@ -81,7 +65,7 @@ def test_read_matches_transformers(tmp_path, overrides):
     c = ours.config
     assert [s.mixers for s in c.layers].count(("attention",)) == len(hf.config.attn_layer_indices)
     assert all(s.mlp for s in c.layers) and c.attention.rope_fraction == 0.5
-    prefill, steps = parity(hf, ours)
+    prefill, steps = hf_parity(hf, ours, cache)
     assert prefill <= TOL, f"seed {seed}: prefill error {prefill:.2e}"
     assert max(steps) <= TOL, f"seed {seed}: decode error {max(steps):.2e} at step {steps.index(max(steps))}"
 

@@ -12,13 +12,16 @@ from edgeseq.errors import CheckpointError
 from edgeseq.extract import extract
 from edgeseq.families import load_checkpoint, save_checkpoint
 from edgeseq.families.hf_mamba2 import read_config
-from tests.conftest import random_model, randomize_, small_config
+from tests.conftest import hf_parity, random_model, randomize_, small_config
 
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4  # max abs logit difference, fp32
-STEPS = 64
-PROMPT = 13  # not a multiple of the chunk size: a partial last chunk
+
+
+def cache(out, position) -> dict:
+    """How this family's transformers model takes its cache (and positions) back."""
+    return {"cache_params": out.cache_params}
 
 
 def hf_model(n_groups: int, **overrides) -> transformers.Mamba2ForCausalLM:
@@ -38,22 +41,6 @@ def hf_model(n_groups: int, **overrides) -> transformers.Mamba2ForCausalLM:
     return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**kwargs)).eval()
 
 
-@torch.no_grad()
-def parity(hf, ours, steps: int = STEPS, batch: int = 2) -> tuple[float, list[float]]:
-    """Max abs logit error at prefill and at each of ``steps`` single-token decode steps."""
-    vocab = ours.config.vocab_size
-    prompt = torch.randint(0, vocab, (batch, PROMPT))
-    out = hf(prompt, use_cache=True)
-    logits, state = ours(prompt)
-    prefill = (out.logits - logits).abs().max().item()
-    errors = []
-    for token in torch.randint(0, vocab, (steps, batch, 1)):
-        out = hf(token, cache_params=out.cache_params, use_cache=True)
-        logits, state = ours.step(token, state)
-        errors.append((out.logits[:, -1] - logits).abs().max().item())
-    return prefill, errors
-
-
 @pytest.mark.parametrize("n_groups, tie, bias", [(1, True, False), (2, False, True)], ids=["g1-tied", "g2-untied-bias"])
 def test_read_matches_transformers(tmp_path, n_groups, tie, bias):
     hf = hf_model(n_groups, tie_word_embeddings=tie, use_bias=bias)
@@ -62,7 +49,7 @@ def test_read_matches_transformers(tmp_path, n_groups, tie, bias):
     ours, metadata = load_checkpoint(tmp_path)
     assert metadata["format"] == "hf"
     assert ours.config.mamba.ngroups == n_groups and ours.config.tie_embeddings == tie
-    prefill, steps = parity(hf, ours)
+    prefill, steps = hf_parity(hf, ours, cache)
     assert prefill <= TOL, f"seed {seed}: prefill error {prefill:.2e}"
     assert max(steps) <= TOL, f"seed {seed}: decode error {max(steps):.2e} at step {steps.index(max(steps))}"
 
@@ -87,7 +74,7 @@ def test_time_step_limit_is_read_and_applied(tmp_path):
     hf.save_pretrained(tmp_path)
     ours, _ = load_checkpoint(tmp_path)
     assert ours.config.mamba.dt_limit == pytest.approx((0.01, 0.2))
-    prompt = torch.randint(0, 53, (2, PROMPT))
+    prompt = torch.randint(0, 53, (2, 13))
     assert (hf(prompt).logits - ours(prompt)[0]).abs().max().item() <= TOL
 
 
@@ -121,7 +108,7 @@ def test_written_checkpoint_loads_in_transformers(tmp_path, width, tie, expand):
     save_checkpoint(ours, tmp_path / "hf", format="hf", metadata={"note": "round trip"})
     hf = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.expand == expand and hf.config.tie_word_embeddings == tie
-    prefill, steps = parity(hf, ours, steps=16)
+    prefill, steps = hf_parity(hf, ours, cache, steps=16)
     assert prefill <= TOL and max(steps) <= TOL, (prefill, max(steps))
     back, metadata = load_checkpoint(tmp_path / "hf")
     assert metadata == {"format": "hf", "note": "round trip"}

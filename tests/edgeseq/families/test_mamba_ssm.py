@@ -229,8 +229,28 @@ def test_detection_leaves_hf_and_native_alone(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
+    xlnet = tmp_path / "xlnet"  # an HF config that also says d_model and n_layer
+    xlnet.mkdir()
+    (xlnet / "config.json").write_text(json.dumps({"model_type": "xlnet", "d_model": 32, "n_layer": 2}))
     assert MambaSsm.detect(ours)
-    assert not any(MambaSsm.detect(p) for p in (hf, native, broken, tmp_path / "absent"))
+    assert not any(MambaSsm.detect(p) for p in (hf, native, broken, xlnet, tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("model_type", ["mamba2", "mamba", "bamba"])
+def test_a_model_type_tag_does_not_hide_a_mamba_ssm_config(tmp_path, model_type):
+    """Hub uploads may add model_type to MambaConfig's json; its ssm_cfg block still tells, and
+    mamba_ssm is asked before the HF families that match on model_type alone."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **mamba_ssm_config()}))
+    assert detect_family(tmp_path) is MambaSsm
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 32, "ssm_cfg": {}}))
+    assert not MambaSsm.detect(tmp_path)  # an HF config (hidden_size) stays with the HF families
+
+
+def test_a_weights_file_without_config_asks_for_one(tmp_path):
+    path = write_checkpoint(tmp_path / "c", mamba_ssm_config(), {"x": torch.zeros(1)}, "bin")
+    with pytest.raises(CheckpointError, match="--config FILE") as e:
+        load_checkpoint(path / "pytorch_model.bin")
+    assert "\n" not in str(e.value)
 
 
 # ---- 4. what edgeseq refuses -----------------------------------------------------------
@@ -281,11 +301,17 @@ def test_missing_weights_file(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_wrapped_state_dict_is_refused(tmp_path):
-    state = native_to_mamba_ssm(hybrid_native(True, torch.float32))
+def test_wrapped_state_dict_is_unwrapped(tmp_path):
+    """A training checkpoint ({"model": state_dict, "step": ...}) is read from under "model";
+    a wrapper without a known key is refused, naming what it holds."""
+    native = hybrid_native(True, torch.float32)
+    state = native_to_mamba_ssm(native)
     path = write_checkpoint(tmp_path / "c", hybrid_config(), {}, "bin")
     torch.save({"model": state, "step": 3}, path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="flat state dict"):
+    model, _ = load_checkpoint(path)
+    assert all(torch.equal(v, native.state_dict()[k]) for k, v in model.state_dict().items())
+    torch.save({"weights": state, "step": 3}, path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"no flat state dict .*\['step', 'weights'\]"):
         load_checkpoint(path)
 
 
