@@ -10,6 +10,7 @@ from rich.console import Console
 
 from edgeseq.choices import DEVICES, FLAVORS, PRECISIONS
 from edgeseq.cli.common import COMPACT_TABLE, _emit_json, config_option, json_option, main, require_toolchain
+from edgeseq.deploy.progress import Progress
 from edgeseq.deploy.runtimes import TENSORRT
 from edgeseq.errors import EdgeseqError
 from edgeseq.width import WidthSpec
@@ -33,7 +34,7 @@ def _budget(text: str | None) -> int | None:
     return None if text is None else parse_bytes(text)
 
 
-class _ProgressPrinter:
+class _ProgressPrinter(Progress):
     """One line per stage, and during validation a bar of graph calls with the time left
     (rich draws it only on a terminal)."""
 

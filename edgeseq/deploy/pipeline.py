@@ -20,7 +20,6 @@ source model the manifest names (its weights digest is checked), or carried in
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from edgeseq.deploy.bundle import (
     write_graph,
     write_manifest,
 )
+from edgeseq.deploy.progress import Progress
 from edgeseq.deploy.runtimes import runnable_here, why_not_here
 from edgeseq.deploy.validation import ValidationFailedError, reference_model, resolve_device, validate_flavor
 from edgeseq.errors import EdgeseqError
@@ -70,9 +70,6 @@ class ExportRequest:
     heldout: tuple[int, int] = (16, 512)  # bits-per-byte gate: streams x tokens
     reference_device: str = "auto"  # where the PyTorch reference runs: auto (CUDA when there is one), cpu, cuda
     config: str | None = None  # config file of a model whose weights come apart from it (--config)
-
-
-Progress = Callable[[str, str], None]  # (stage, detail)
 
 
 @dataclass
@@ -114,10 +111,11 @@ def quant_options(target: Target, precision: str, block_size: int = 32) -> Quant
     return compat.quant_options(target, precision, block_size)
 
 
-def export_bundle(req: ExportRequest, progress: Progress = lambda stage, detail: None) -> dict[str, Any]:
+def export_bundle(req: ExportRequest, progress: Progress | None = None) -> dict[str, Any]:
     """Run every stage; returns the manifest written to ``req.output``. The output path is
     taken before any work (a path that cannot be written, or anything but a bundle under
     ``--overwrite``, is refused at once); nothing appears there unless every stage passes."""
+    progress = progress or Progress()
     target: Target = get_target(req.target)
     compat.check_target(target, req.precision, [req.flavor] if req.flavor else list(target.flavors), req.int4_block_size)
     with bundle_dir(req.output, req.overwrite) as tmp:
@@ -208,9 +206,8 @@ def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: d
                 validation["not_run"][flavor] = why_not_here(flavor)
                 continue
             progress("validate", f"{flavor} at {precision} against the {device} reference (drift: fp64)")
-            calls = getattr(progress, "calls", None)  # a display that can draw a bar of graph calls
             result = validate_flavor(tmp, manifest, model, flavor, req.steps, req.long_steps, req.prompts,
-                                     device, req.threads, req.heldout, progress=calls(flavor) if calls else None)
+                                     device, req.threads, req.heldout, progress=progress.calls(flavor))
             (tmp / "validation").mkdir(exist_ok=True)
             write_report(result.compare, tmp / "validation" / f"{flavor}.json")
             plot_drift(result.compare, tmp / "validation" / f"{flavor}_drift.png")
@@ -228,10 +225,11 @@ def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: d
 def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bool = False, block_size: int = 32,
                     validate: bool = True, steps: int = 256, long_steps: int = 4096, threads: int | None = None,
                     device: str = "auto", reference: str | None = None,
-                    progress: Progress = lambda stage, detail: None) -> dict[str, Any]:
+                    progress: Progress | None = None) -> dict[str, Any]:
     """A new bundle of ``source``'s model, width and flavors at ``precision``, validated.
     The graphs are rebuilt from the reference (checked against the source's weights
     digest) without the fp32 graphs' blocked sums, then quantized."""
+    progress = progress or Progress()
     manifest = read_manifest(source)
     if manifest["precision"] != "fp32":
         raise EdgeseqError(f"{source} holds {manifest['precision']} graphs; quantize the fp32 bundle it came from")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgeseq.deploy.bundle import read_manifest
+from edgeseq.deploy.progress import CallProgress
 from edgeseq.deploy.runtimes import Placement, open_runner, runnable_here, why_not_here
 from edgeseq.errors import EdgeseqError
 from edgeseq.export.spec import GraphIO
@@ -126,9 +127,6 @@ class FlavorValidation:
     def to_dict(self) -> dict:
         return {"passed": bool(self), "summary": self.summary(),
                 "heldout": self.heldout.to_dict() if self.heldout is not None else {"skipped": self.heldout_skipped}}  # fmt: skip
-
-
-CallProgress = Callable[[int, int], None]  # (candidate calls made, calls expected)
 
 
 def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int, long_steps: int, prompts: int,

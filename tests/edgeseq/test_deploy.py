@@ -228,3 +228,33 @@ def test_tensorrt_flavor_bundle_validates_and_runs_through_plugin_ops(tmp_path, 
     result = CliRunner().invoke(main, ["build-engine", str(out)])
     assert result.exit_code != 0 and "TensorRT is not installed" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (out / "engines").exists()
+
+
+def test_export_reports_its_stages_and_counts_every_validation_call(tmp_path):
+    """A ``Progress`` subclass sees each stage in order and, per validated flavor, a call
+    counter that ends at the total it announced (what the CLI's bar draws)."""
+    from edgeseq.deploy.pipeline import ExportRequest, export_bundle
+    from edgeseq.deploy.progress import Progress
+    from edgeseq.width import WidthSpec
+
+    class Record(Progress):
+        def __init__(self):
+            self.stages, self.counts = [], {}
+
+        def __call__(self, stage, detail):
+            self.stages.append(stage)
+
+        def calls(self, flavor):
+            self.counts[flavor] = []
+            return lambda done, total: self.counts[flavor].append((done, total))
+
+    record = Record()
+    steps = int(np.random.randint(4, 12))
+    request = ExportRequest("mamba2-tiny", "x86-64-cpu", WidthSpec.parse("1/4"), tmp_path / "b", flavor="portable",
+                            steps=steps, long_steps=2 * steps, prompts=2, heldout=(2, 16))  # fmt: skip
+    manifest = export_bundle(request, progress=record)
+    assert record.stages[0] == "load" and record.stages.index("extract") < record.stages.index("export")
+    assert record.stages[-1] == "bundle" and "validate" in record.stages
+    assert set(record.counts) == set(manifest["validation"]["ran"]) == {"portable"}
+    done, total = record.counts["portable"][-1]
+    assert done == total > 2 * steps
