@@ -6,6 +6,9 @@
     logits = session.step(next_token)                         # [V]
     blob = session.save_state()                               # safetensors bytes
     session.load_state(blob)                                  # resume exactly there
+    snap = session.snapshot(); session.restore(snap)          # in-memory rollback / branching
+    other = session.fork()                                    # same runners, its own state
+    logits = session.prefill(prompt_ids, cache=PrefixCache(64 << 20))  # reuse a cached prefix
     for piece in session.generate("def ", 100):               # text in, text out (batch 1)
         print(piece, end="")
 
@@ -26,10 +29,12 @@ vocabulary before a runner sees them. Every error it raises is an ``EdgeseqError
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 import safetensors
@@ -40,6 +45,9 @@ from edgeseq.export.spec import GraphIO
 from edgeseq.runtimes.base import FeedError, GraphIOError, Runner
 from edgeseq.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer
 
+if TYPE_CHECKING:
+    from edgeseq.runtimes.prefix_cache import PrefixCache
+
 POSITION = "position"
 
 
@@ -49,6 +57,19 @@ class StateError(EdgeseqError):
 
 class SessionError(EdgeseqError):
     """A session was built from something it cannot stream with."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A copy of a session's state: the state inputs by name and the tokens consumed ([B])."""
+
+    state: dict[str, np.ndarray]
+    position: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this snapshot holds (the session's ``state_bytes`` plus 8 per stream)."""
+        return sum(a.nbytes for a in self.state.values()) + self.position.nbytes
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
@@ -185,11 +206,46 @@ class StreamingSession:
         self._position = tensors.pop(POSITION)
         self._state = tensors if POSITION not in self._state_specs else {**tensors, POSITION: self._position.copy()}
 
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of state for all streams (the sum of the state arrays): what a snapshot or a fork costs.
+        The state's shapes are the graph's (fixed at export), so this does not grow with position."""
+        return sum(a.nbytes for a in self._state.values())
+
+    def snapshot(self) -> Snapshot:
+        """A copy of the state now (``state_bytes`` + 8 bytes per stream of memory); ``restore`` returns here."""
+        return Snapshot({k: v.copy() for k, v in self._state.items()}, self._position.copy())
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Go back to ``snapshot``: the next logits are bit-identical to those at snapshot time.
+        The snapshot stays usable (the session takes copies)."""
+        if not isinstance(snapshot, Snapshot):
+            raise StateError(f"restore takes a session.snapshot(), not a {type(snapshot).__name__}")
+        want = {n: self._shape(s.shape) for n, s in self._state_specs.items()}
+        got = {n: a.shape for n, a in snapshot.state.items()}
+        if got != want or snapshot.position.shape != (self.batch,):
+            raise StateError("the snapshot is from a session of another graph or batch; restore it there")
+        self._state = {k: v.copy() for k, v in snapshot.state.items()}
+        self._position = snapshot.position.copy()
+
+    def fork(self) -> StreamingSession:
+        """A new session on the same runners (no new backend session) with a copy of this state,
+        independent afterwards; costs ``state_bytes`` of memory. Closing either closes the runners
+        they share, so close only the last one."""
+        other = copy.copy(self)
+        other.restore(self.snapshot())
+        return other
+
     # -- decoding ---------------------------------------------------------------------
 
-    def prefill(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    def prefill(self, ids: Sequence[int] | np.ndarray, cache: PrefixCache | None = None) -> np.ndarray:
         """Consume a prompt (T ids, or [B, T]); logits after its last token, [V] or [B, V].
-        Runs the prefill graph once if there is one, else the step graph T times."""
+        Runs the prefill graph once if there is one, else the step graph T times.
+
+        With ``cache`` (a ``PrefixCache``, batch 1) the prompt is a whole stream from position 0:
+        the session restores the longest cached prefix of ``ids`` and prefills only the rest."""
+        if cache is not None:
+            return cache.prefill(self, ids)
         ids = self._ids(ids)
         if ids.shape[1] == 0:
             raise FeedError("prefill needs at least one token")
