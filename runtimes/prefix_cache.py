@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from edgeseq.errors import EdgeseqError
 
-if TYPE_CHECKING:
-    from edgeseq.runtimes.session import Snapshot, StreamingSession
+# The session calls the cache (``StreamingSession.prefill(ids, cache=...)``), so the cache
+# names no session type: imports run one way, session -> prefix_cache.
+StreamingSession = Snapshot = Any
 
 
 class PrefixCacheError(EdgeseqError):
