@@ -91,22 +91,25 @@ class Block(nn.Module):
             return params
         return slice_params(params, get_kind(kind).weight_index(self.config, self.i, self.stored[kind], kept))
 
-    def _run(self, kind: str, x: Tensor, state: dict, position: Tensor, width: LayerWidth, step: bool):
+    def _run(self, kind: str, x: Tensor, state: dict, position: Tensor, width: LayerWidth, step: bool,
+             mask: Tensor | None):  # fmt: skip
         module, kept = self.part(kind), width[kind]
-        run = module.step if step else module
         own = {k: state[k] for k in self.state_names[kind]}
-        return run(self.params_at(kind, kept), x, own, position, kept)
+        if step:
+            return module.step(self.params_at(kind, kept), x, own, position, kept)
+        return module(self.params_at(kind, kept), x, own, position, kept, mask)
 
-    def forward(self, h: Tensor, state: dict, position: Tensor, width: LayerWidth, step: bool):
+    def forward(self, h: Tensor, state: dict, position: Tensor, width: LayerWidth, step: bool,
+                mask: Tensor | None = None):  # fmt: skip
         new_state = {}
         if self.spec.mixers:
             x = self.norm(h)
             for kind in self.spec.mixers:
-                y, part_state = self._run(kind, x, state, position, width, step)
+                y, part_state = self._run(kind, x, state, position, width, step, mask)
                 h = h + y
                 new_state |= part_state
         if self.mlp is not None:
-            y, _ = self._run(self.spec.mlp, self.mlp_norm(h), state, position, width, step)
+            y, _ = self._run(self.spec.mlp, self.mlp_norm(h), state, position, width, step, mask)
             h = h + y
         return h, new_state
 
@@ -168,26 +171,33 @@ class NestedLM(nn.Module):
         weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight)
 
-    def _check_context(self, state: ModelState, new_tokens: int) -> None:
+    def _check_context(self, state: ModelState, new_tokens: int | Tensor) -> None:
         limit = self.config.stream_limit()
-        if limit is not None and int(state.position.max()) + new_tokens > limit:
+        if limit is not None and int((state.position + new_tokens).max()) > limit:
             raise ConfigError(
                 f"stream exceeds the global attention cache of {limit} tokens; raise attention.max_context or reset"
             )
 
-    def forward(self, ids: Tensor, state: ModelState | None = None, width=None, last_only: bool = False):
-        """ids (b, l) int -> logits (b, l, vocab) (or (b, vocab) with last_only), new state."""
+    def forward(self, ids: Tensor, state: ModelState | None = None, width=None, last_only: bool = False,
+                mask: Tensor | None = None):  # fmt: skip
+        """ids (b, l) int -> logits (b, l, vocab) (or (b, vocab) with last_only), new state.
+
+        mask (b, l) int or None (all ones): 1 = a token of that stream, 0 = a left pad (pads
+        only before a row's tokens). A pad leaves every state as it was and is not counted
+        in ``position``; the logits at pad positions are meaningless, the last ones are
+        those after the row's last token (of an all-pad row, meaningless too)."""
         widths = self.widths(width)
         state = state if state is not None else self.init_state(ids.size(0), widths)
-        self._check_context(state, ids.size(1))
+        tokens = ids.size(1) if mask is None else mask.sum(1)
+        self._check_context(state, tokens)
         h = self._embed(ids)
         layers = []
         for block, layer_state, w in zip(self.layers, state.layers, widths):
-            h, layer_state = block(h, layer_state, state.position, w, step=False)
+            h, layer_state = block(h, layer_state, state.position, w, step=False, mask=mask)
             layers.append(layer_state)
         if last_only:
             h = h[:, -1]
-        return self._head(h), ModelState(layers, state.position + ids.size(1))
+        return self._head(h), ModelState(layers, state.position + tokens)
 
     def step(self, ids: Tensor, state: ModelState, width=None, check_context: bool = True) -> tuple[Tensor, ModelState]:
         """ids (b,) or (b, 1) int -> logits (b, vocab), new state. ``check_context=False`` skips

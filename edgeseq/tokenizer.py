@@ -54,6 +54,7 @@ class Tokenizer:
     vocab_size: int  # ids it can produce run from 0 to vocab_size - 1
     bos_id: int | None
     eos_ids: frozenset[int]  # every id that ends generation
+    pad_id: int | None = None  # what a padded batch fills with, where the tokenizer names one
     files: tuple[str, ...] = ()  # files of its directory a bundle carries
     directory: Path | None = None  # where they are
 
@@ -131,6 +132,38 @@ class ByteTokenizer(Tokenizer):
         return stream
 
 
+    pad_id = EOS + 1  # never produced: what a padded batch may fill with
+
+    def write_files(self, directory: Path, vocab_size: int) -> list[str]:
+        """A byte-level ``tokenizer.json`` (and ``tokenizer_config.json``) of these ids for
+        runtimes that read only tokenizer files (onnxruntime-genai): ids 0-255 the bytes,
+        then ``<bos>``, ``<eos>``, ``<pad>`` and placeholders up to ``vocab_size``. Built
+        with the tokenizers library; returns the file names written."""
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, processors
+
+        alphabet = _byte_alphabet()
+        tk = RustTokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tk.decoder = decoders.ByteLevel()
+        specials = ["<bos>", "<eos>", "<pad>"] + [f"<unused{i}>" for i in range(vocab_size - 259)]
+        tk.add_special_tokens(specials)
+        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+        tk.save(str(directory / TOKENIZER_FILE))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+                  "pad_token": "<pad>", "add_bos_token": True, "model_max_length": 1 << 30}  # fmt: skip
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return [TOKENIZER_FILE, "tokenizer_config.json"]
+
+
+def _byte_alphabet() -> list[str]:
+    """The byte-level BPE alphabet: printable Latin-1 bytes stand for themselves, the other
+    bytes, in order, for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
 class _ByteStream(StreamDecoder):
     def __init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -164,6 +197,9 @@ class HFTokenizer(Tokenizer):
         self.bos_id = self._token_id(special.get("bos_token"))
         if self.bos_id is None:
             self.bos_id = _as_id(generation.get("bos_token_id"))
+        self.pad_id = self._token_id(special.get("pad_token"))
+        if self.pad_id is None:
+            self.pad_id = _as_id(generation.get("pad_token_id"))
         eos = self._token_id(special.get("eos_token"))
         ends = set(_as_ids(generation.get("eos_token_id"))) | ({eos} if eos is not None else set())
         self.eos_ids = frozenset(ends)

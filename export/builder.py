@@ -119,17 +119,38 @@ class GraphBuilder:
         where a recurrence integrates it over thousands of steps. Quantizers need the plain
         2-D MatMul, so graphs meant for quantization are built without it.
         """
-        W = self.arrays[weight]
-        s = _block(W.shape[0], self.split_k) if self.split_k and W.ndim == 2 else None
-        if s:
-            c, n = W.shape[0] // s, W.shape[1]
+        stored = self.stored(weight)
+        if stored != weight:
+            c, s, _ = self.arrays[stored].shape
             lead = self.op("Shape", x, end=-1)
             blocks = self.op("Reshape", x, self.op("Concat", lead, self.ints(c, 1, s), axis=0))  # [..., c, 1, s]
-            partial = self.op("MatMul", blocks, self.weight(f"{weight}.blocks", W.reshape(c, s, n)))  # [..., c, 1, out]
+            partial = self.op("MatMul", blocks, stored)  # [..., c, 1, out]
             y = self.op("ReduceSum", self.op("Squeeze", partial, self.ints(-2)), self.ints(-2), keepdims=0)  # [..., out]
         else:
             y = self.op("MatMul", x, weight)
         return self.op("Add", y, bias) if bias else y
+
+    def stored(self, weight: str) -> str:
+        """The initializer ``linear`` multiplies by: ``weight`` [in, out] itself, or, where
+        ``split_k`` blocks it, ``<weight>.blocks`` [c, s, out] (the same bytes)."""
+        W = self.arrays[weight]
+        s = _block(W.shape[0], self.split_k) if self.split_k and W.ndim == 2 else None
+        if not s:
+            return weight
+        return self.weight(f"{weight}.blocks", W.reshape(W.shape[0] // s, s, W.shape[1]))
+
+    def columns(self, weight: str, ids: str) -> str:
+        """Columns ``ids`` [...] of a MatMul weight [in, out] as rows [..., in]: a tied
+        embedding read from the head's table, so the table is stored once.
+
+            ids -> flat [n] -> Gather(stored table, axis=last) [*lead, n] -> [in, n] -> T -> [..., in]
+        """
+        stored = self.stored(weight)
+        d_in = self.arrays[weight].shape[0]
+        flat = self.op("Reshape", ids, self.ints(-1))
+        picked = self.op("Gather", stored, flat, axis=self.arrays[stored].ndim - 1)  # [*lead, n]
+        rows = self.op("Transpose", self.reshape(picked, d_in, -1), perm=[1, 0])  # [n, in]
+        return self.op("Reshape", rows, self.op("Concat", self.op("Shape", ids), self.ints(d_in), axis=0))
 
     def rmsnorm(self, x: str, weight: str, eps: float) -> str:
         """x / sqrt(mean(x^2) + eps) * weight over the last axis (basic ops, any opset)."""

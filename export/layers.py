@@ -5,7 +5,7 @@
 The block only routes: every part's graph comes from its layer kind (``LayerKind.graph``),
 with the part's weights (numpy, short names), their initializer prefix and the past state
 names it declared. ``rank`` is 2 for the step graph ([b, d] hidden states) and 3 for
-prefill ([b, t, d]).
+prefill ([b, t, d]); a prefill hands every part its ``attention_mask`` too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def part_weights(weights: dict[str, np.ndarray], prefix: str) -> dict[str, np.nd
 
 
 def block(g: GraphBuilder, flavor, config: ModelConfig, i: int, weights: dict[str, np.ndarray], h: str,
-          past: dict[str, str], position: str | None, rank: int) -> tuple[str, dict[str, str]]:
+          past: dict[str, str], position: str | None, mask: str | None, rank: int) -> tuple[str, dict[str, str]]:
     """h + mixers(norm(h)) (+ mlp(mlp_norm(.))) -> h, present state of layer i by short name."""
     spec, prefix = config.layers[i], f"layers.{i}."
     presents: dict[str, str] = {}
@@ -31,7 +31,7 @@ def block(g: GraphBuilder, flavor, config: ModelConfig, i: int, weights: dict[st
         kind, p = get_kind(part), f"{prefix}{spec.prefix(part)}."
         size = config.part_size(i, part)
         own = {name: past[name] for name in kind.state_shapes(config, i, size)}
-        y, present = kind.graph(g, flavor, config, i, size, part_weights(weights, p), p, x, own, position, rank)
+        y, present = kind.graph(g, flavor, config, i, size, part_weights(weights, p), p, x, own, position, mask, rank)
         presents.update(present)
         return y
 

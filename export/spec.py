@@ -5,7 +5,13 @@ names. A decode loop feeds each ``present.*`` output back into the ``past.*`` in
 pairs with (``STATE_PAIRS``); ``position`` is fed from ``present.position``.
 
     step:    input_ids [B, 1] int64, past.*, (position [B])  ->  logits [B, V], present.*
-    prefill: input_ids [B, T] int64, past.*, (position [B])  ->  logits [B, V] or [B, T, V], present.*
+    prefill: input_ids [B, T] int64, attention_mask [B, T] int64, past.*, (position [B])
+             ->  logits [B, V] or [B, T, V], present.*
+
+``attention_mask`` lets one prefill call take prompts of different lengths, left-padded:
+1 = a token of that stream, 0 = a pad (pads only before a row's tokens). A pad leaves the
+row's state untouched and is not counted in ``present.position``; the last logits are
+those after the row's last token. Feed ones when nothing is padded (``token_feeds``).
 
 State shapes are fixed apart from the batch axis B, so memory is constant over a stream.
 Tolerances, per precision, live beside the spec: the validator and the users' CI helper
@@ -18,12 +24,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
+
 from edgeseq.config import ModelConfig
 from edgeseq.errors import UsageError
 from edgeseq.shapes import layer_state_shapes
 from edgeseq.width import full
 
 BATCH, SEQ = "batch", "sequence"
+INPUT_IDS, ATTENTION_MASK = "input_ids", "attention_mask"
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,9 @@ def graph_io(config: ModelConfig, kind: str, all_logits: bool = False, state_dty
         raise UsageError(f"graph kind must be step or prefill, not {kind!r}")
     tokens = 1 if kind == "step" else SEQ
     past, present = state_specs(config, "past", state_dtype), state_specs(config, "present", state_dtype)
-    inputs = [TensorSpec("input_ids", "int64", (BATCH, tokens)), *past]
+    inputs = [TensorSpec(INPUT_IDS, "int64", (BATCH, tokens)), *past]
+    if kind == "prefill":  # 1 = a token of that stream, 0 = a left pad (state untouched, position not counted)
+        inputs.insert(1, TensorSpec(ATTENTION_MASK, "int64", (BATCH, SEQ)))
     outputs = [TensorSpec("logits", "float32", (BATCH, SEQ, config.vocab_size) if all_logits else (BATCH, config.vocab_size))]
     outputs += present
     pairs = [(p.name, q.name) for p, q in zip(past, present)]
@@ -80,6 +91,18 @@ def graph_io(config: ModelConfig, kind: str, all_logits: bool = False, state_dty
         outputs.append(TensorSpec("present.position", "int64", (BATCH,)))
         pairs.append(("position", "present.position"))
     return GraphIO(tuple(inputs), tuple(outputs), tuple(pairs))
+
+
+def token_feeds(io: GraphIO, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The feeds besides the state: ``input_ids`` [B, T] and, where the graph takes one (a
+    prefill graph), ``attention_mask`` [B, T] (all ones unless given)."""
+    feeds = {INPUT_IDS: ids}
+    if any(t.name == ATTENTION_MASK for t in io.inputs):
+        feeds[ATTENTION_MASK] = np.ones(ids.shape, np.int64) if mask is None else np.asarray(mask, np.int64)
+    elif mask is not None and not np.all(mask):
+        raise UsageError("this graph takes no attention_mask (a step graph, or one exported before padded "
+                         "batches); feed unpadded tokens or re-export")  # fmt: skip
+    return feeds
 
 
 @dataclass(frozen=True)

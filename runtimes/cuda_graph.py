@@ -61,6 +61,7 @@ class GraphedDecoder:
         return self.model.config.stream_limit()
 
     def _count(self, tokens: int) -> None:
+        """Count the most tokens any stream took (a padded stream took fewer)."""
         if self._limit is not None and self._tokens + tokens > self._limit:
             raise ConfigError(
                 f"stream exceeds the global attention cache of {self._limit} tokens; raise attention.max_context or reset"
@@ -77,10 +78,13 @@ class GraphedDecoder:
         self._tokens = 0
 
     @torch.no_grad()
-    def prefill(self, ids: Tensor) -> Tensor:
-        """ids (b, t) -> last logits (b, v), eagerly through the chunked scan, continuing the stream."""
-        self._count(ids.size(1))
-        logits, state = self.model(ids.to(self.ids.device), self.state.clone(), self.width, last_only=True)
+    def prefill(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """ids (b, t) -> last logits (b, v), eagerly through the chunked scan, continuing the stream.
+        mask (b, t) or None: 0 marks a left pad, which leaves its stream as it was (``NestedLM.forward``)."""
+        device = self.ids.device
+        mask = None if mask is None else mask.to(device)
+        self._count(ids.size(1) if mask is None else int(mask.sum(1).max()))
+        logits, state = self.model(ids.to(device), self.state.clone(), self.width, last_only=True, mask=mask)
         self._load(state)
         return logits
 

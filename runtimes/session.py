@@ -4,6 +4,7 @@
     session = StreamingSession(step_runner, prefill_runner)   # or runners already active
     logits = session.prefill(prompt_ids)                      # [V]
     logits = session.step(next_token)                         # [V]
+    logits = session.prefill_batch([ids_a, ids_b])            # batch=2: prompts of any lengths -> [2, V]
     blob = session.save_state()                               # safetensors bytes
     session.load_state(blob)                                  # resume exactly there
     snap = session.snapshot(); session.restore(snap)          # in-memory rollback / branching
@@ -23,8 +24,14 @@ it pairs with (``GraphIO.state_pairs``). It always counts the tokens consumed, a
 Mamba2-only graphs that have no ``position`` input; the count is saved with the state.
 
 With ``batch=B`` the session runs B streams in lockstep: prefill takes [B, T] ids, step
-takes B tokens, and both return [B, V] logits. Token ids are checked against the
-vocabulary before a runner sees them. Every error it raises is an ``EdgeseqError``.
+takes B tokens, and both return [B, V] logits. Prompts of different lengths go through
+one prefill call too: ``prefill_batch`` left-pads them and feeds the prefill graph's
+``attention_mask`` (1 = a token, 0 = a pad; ``prefill(ids, mask)`` takes one directly). A
+pad leaves its stream's state and position as they were, so each stream ends exactly where
+its own prompt alone would have left it; an empty prompt leaves its stream untouched.
+Without a prefill graph the step graph runs column by column and a padded stream's state
+is put back after each pad. Token ids (and masks) are checked before a runner sees them.
+Every error it raises is an ``EdgeseqError``.
 """
 
 from __future__ import annotations
@@ -41,9 +48,9 @@ import safetensors
 import safetensors.numpy
 
 from edgeseq.errors import EdgeseqError
-from edgeseq.export.spec import GraphIO
+from edgeseq.export.spec import ATTENTION_MASK, INPUT_IDS, GraphIO, token_feeds
 from edgeseq.runtimes.base import FeedError, GraphIOError, Runner
-from edgeseq.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer
+from edgeseq.tokenizer import ByteTokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from edgeseq.runtimes.prefix_cache import PrefixCache
@@ -109,7 +116,7 @@ class StreamingSession:
         logits = next((t for t in self.io.outputs if t.name == "logits"), None)
         # token ids run from 0 to vocab_size - 1 (None: the graph does not fix the vocabulary)
         self.vocab_size = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else None
-        self._state_specs = {t.name: t for t in self.io.inputs if t.name != "input_ids"}
+        self._state_specs = {t.name: t for t in self.io.inputs if t.name not in (INPUT_IDS, ATTENTION_MASK)}
         self._pairs = dict(self.io.state_pairs)  # input name -> output name
         unpaired = sorted(self._state_specs.keys() - self._pairs.keys())
         if unpaired:
@@ -117,7 +124,7 @@ class StreamingSession:
                 f"step graph inputs {unpaired} have no present.* output to feed them; re-export the graph"
             )
         if prefill_runner is not None:
-            theirs = {t.name for t in prefill_runner.io.inputs if t.name != "input_ids"}
+            theirs = {t.name for t in prefill_runner.io.inputs if t.name not in (INPUT_IDS, ATTENTION_MASK)}
             if theirs != self._state_specs.keys():
                 raise GraphIOError("the prefill and step graphs carry different state; export both from one model")
         self.reset()
@@ -132,7 +139,7 @@ class StreamingSession:
         here streams (``edgeseq.deploy.runtimes``), placed on the execution providers and
         threads of the bundle's target profile (``threads`` overrides them; 0: all cores).
         ``close()`` (or ``with``) frees the runtime's sessions."""
-        from edgeseq.deploy.bundle import read_manifest
+        from edgeseq.deploy.bundle import bundle_tokenizer, read_manifest
         from edgeseq.deploy.runtimes import Placement, open_runner, streamed_flavor
 
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
@@ -151,8 +158,7 @@ class StreamingSession:
             prefill.deactivate()
             raise
         session.flavor = flavor
-        if TOKENIZER_FILE in manifest.get("files", {}):  # checked against its sha256 above; else bytes
-            session.tokenizer = load_tokenizer(root)
+        session.tokenizer = bundle_tokenizer(root, manifest)
         return session
 
     def close(self) -> None:
@@ -238,23 +244,59 @@ class StreamingSession:
 
     # -- decoding ---------------------------------------------------------------------
 
-    def prefill(self, ids: Sequence[int] | np.ndarray, cache: PrefixCache | None = None) -> np.ndarray:
+    def prefill(self, ids: Sequence[int] | np.ndarray, mask: Sequence[int] | np.ndarray | None = None,
+                cache: PrefixCache | None = None) -> np.ndarray:  # fmt: skip
         """Consume a prompt (T ids, or [B, T]); logits after its last token, [V] or [B, V].
         Runs the prefill graph once if there is one, else the step graph T times.
 
-        With ``cache`` (a ``PrefixCache``, batch 1) the prompt is a whole stream from position 0:
-        the session restores the longest cached prefix of ``ids`` and prefills only the rest."""
+        ``mask`` (the shape of ``ids``, None: all ones): 1 = a token, 0 = a left pad, which
+        leaves its stream as it was (``prefill_batch`` builds it). With ``cache`` (a
+        ``PrefixCache``, batch 1, no mask) the prompt is a whole stream from position 0: the
+        session restores the longest cached prefix of ``ids`` and prefills only the rest."""
         if cache is not None:
+            if mask is not None:
+                raise FeedError("the prefix cache takes whole prompts; pass no mask with cache=")
             return cache.prefill(self, ids)
         ids = self._ids(ids)
         if ids.shape[1] == 0:
             raise FeedError("prefill needs at least one token")
-        if self.prefill_runner is None:
-            for t in range(ids.shape[1]):
-                logits = self._run(self.step_runner, ids[:, t : t + 1])
-        else:
-            logits = self._run(self.prefill_runner, ids)
+        logits = self._prefill(ids, None if mask is None else self._mask(mask, ids.shape))
         return logits[0] if self.batch == 1 else logits
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
+        """One prompt per stream, of any lengths, in one prefill call: left-padded (with id 0,
+        masked) to the longest; logits [B, V] after each prompt's last token. An empty prompt
+        leaves its stream untouched (its row of logits is meaningless)."""
+        if len(prompts) != self.batch:
+            raise FeedError(f"prefill_batch takes one prompt per stream: {self.batch}, not {len(prompts)}")
+        rows = [self._ids(np.asarray(p)[None], batch=1)[0] for p in prompts]
+        longest = max(len(r) for r in rows)
+        if longest == 0:
+            raise FeedError("prefill_batch needs at least one token in some prompt")
+        ids, mask = np.zeros((self.batch, longest), np.int64), np.zeros((self.batch, longest), np.int64)
+        for b, row in enumerate(rows):
+            ids[b, longest - len(row) :], mask[b, longest - len(row) :] = row, 1
+        return self._prefill(ids, None if mask.all() else mask)
+
+    def _prefill(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """ids, mask [B, T] -> logits [B, V]; the step graph column by column without a prefill graph."""
+        if self.prefill_runner is not None:
+            return self._run(self.prefill_runner, ids, mask)
+        for t in range(ids.shape[1]):
+            before = None if mask is None or mask[:, t].all() else self.snapshot()
+            logits = self._run(self.step_runner, ids[:, t : t + 1])
+            if before is not None:
+                self._put_back(before, mask[:, t] == 0)
+        return logits
+
+    def _put_back(self, before: Snapshot, streams: np.ndarray) -> None:
+        """The streams marked in ``streams`` [B] bool go back to ``before`` (a pad for them)."""
+
+        def keep(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+            return np.where(streams.reshape(-1, *[1] * (new.ndim - 1)), old, new)
+
+        self._state = {k: keep(v, before.state[k]) for k, v in self._state.items()}
+        self._position = keep(self._position, before.position)
 
     def step(self, token: int | Sequence[int] | np.ndarray) -> np.ndarray:
         """Consume one token per stream; logits [V] (or [B, V])."""
@@ -293,15 +335,28 @@ class StreamingSession:
         if rest := decoder.flush():
             yield rest
 
-    def _run(self, runner: Runner, ids: np.ndarray) -> np.ndarray:
-        out = runner.infer({"input_ids": ids, **self._state})
+    def _run(self, runner: Runner, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        out = runner.infer({**token_feeds(runner.io, ids, mask), **self._state})
         self._state = {name: out[self._pairs[name]] for name in self._state_specs}
         # the graph counts position when it has one; Mamba2-only graphs do not, so count here
-        self._position = self._state[POSITION].copy() if POSITION in self._state else self._position + ids.shape[1]
+        counted = ids.shape[1] if mask is None else mask.sum(1)
+        self._position = self._state[POSITION].copy() if POSITION in self._state else self._position + counted
         logits = out["logits"]  # [B, V], or [B, T, V] from a graph exported with all_logits
         return logits[:, -1] if logits.ndim == 3 else logits
 
-    def _ids(self, ids) -> np.ndarray:
+    def _mask(self, mask, shape: tuple[int, int]) -> np.ndarray:
+        """An attention mask as int64 [B, T], checked: ids' shape, 0/1, pads only on the left."""
+        mask = np.asarray(mask)
+        mask = mask[None] if mask.ndim == 1 and self.batch == 1 else mask
+        if mask.shape != shape:
+            raise FeedError(f"mask of shape {mask.shape} does not fit ids of shape {shape}; give one 0/1 per id")
+        if mask.dtype.kind not in "iub" or not np.isin(mask, (0, 1)).all():
+            raise FeedError("mask holds 1 for a token and 0 for a pad, nothing else")
+        if (np.diff(mask.astype(np.int64), axis=1) < 0).any():
+            raise FeedError("mask has a pad after a token; pad on the left (prefill_batch does)")
+        return mask.astype(np.int64)
+
+    def _ids(self, ids, batch: int | None = None) -> np.ndarray:
         """Token ids as int64 [B, T], checked: integers, one row per stream, in the vocabulary."""
         try:
             ids = np.asarray(ids)
@@ -310,9 +365,10 @@ class StreamingSession:
         if ids.size and ids.dtype.kind not in "iu":
             raise FeedError(f"token ids must be integers, not {ids.dtype}")
         ids = ids.astype(np.int64)
-        ids = ids[None] if ids.ndim == 1 and self.batch == 1 else ids
-        if ids.ndim != 2 or ids.shape[0] != self.batch:
-            raise FeedError(f"token ids of shape {ids.shape} do not fit {self.batch} stream(s); pass [T] or [B, T]")
+        batch = self.batch if batch is None else batch
+        ids = ids[None] if ids.ndim == 1 and batch == 1 else ids
+        if ids.ndim != 2 or ids.shape[0] != batch:
+            raise FeedError(f"token ids of shape {ids.shape} do not fit {batch} stream(s); pass [T] or [B, T]")
         vocab = self.vocab_size
         if vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
             bad = ids[(ids < 0) | (ids >= vocab)][0]

@@ -1,7 +1,8 @@
 """The reference runner: NestedLM in fp32, speaking the exported graphs' I/O.
 
 It takes the same feeds as the step or prefill ONNX graph of the model (``input_ids``,
-``past.{i}.*``, ``position`` when the model has attention) and returns the same outputs
+a prefill's ``attention_mask``, ``past.{i}.*``, ``position`` when the model has
+attention) and returns the same outputs
 (``logits``, ``present.{i}.*``, ``present.position``), so a comparator can put it beside
 any other runner. The model runs at its full width: export extracts first.
 
@@ -86,7 +87,8 @@ class TorchRunner(Runner):
                 if self.all_logits:
                     logits = logits[:, None]  # (b, 1, v)
             else:
-                logits, state = self._model(ids, state, last_only=not self.all_logits)
+                mask = tensor(feeds["attention_mask"]) if "attention_mask" in feeds else None
+                logits, state = self._model(ids, state, last_only=not self.all_logits, mask=mask)
         produced = {f"present.{k}": v for k, v in state.to_named().items()}
         produced["logits"] = logits
         # contiguous, as a graph's outputs are (the model's conv state is a strided view)

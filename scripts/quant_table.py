@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from edgeseq.choices import DEVICES, PRECISIONS
+from edgeseq.deploy.bundle import WEIGHTS_FILE
 
 
 def edgeseq(*args: str) -> dict:
@@ -45,7 +46,7 @@ def row_of(model: str, width: str, precision: str, doc: dict, bench: dict | None
         return row | {"error": doc["error"]}
     manifest, out = doc["manifest"], Path(doc["output"])
     if validated is not None:  # validation figures from another run of the same export (same graph bytes)
-        files = {k: v for k, v in manifest["files"].items() if k.endswith(".onnx")}
+        files = {k: v for k, v in manifest["files"].items() if k.endswith(".onnx") or k == WEIGHTS_FILE}
         size = sum((out / rel).stat().st_size for rel in files)
         if files != validated.get("graph_sha256", files) or size != validated["graph_bytes"]:
             return row | {"error": "graphs differ from the validated run's; the export is not deterministic here"}
@@ -57,7 +58,8 @@ def row_of(model: str, width: str, precision: str, doc: dict, bench: dict | None
     row |= {
         "passed": ran["passed"],
         "bundle_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
-        "graph_bytes": sum((out / rel).stat().st_size for kinds in manifest["graphs"].values() for rel in kinds.values()),
+        "graph_bytes": sum((out / rel).stat().st_size for rel in manifest["files"]
+                           if rel.endswith(".onnx") or rel == WEIGHTS_FILE),  # graphs and the weights they share
         "heldout_bpb": heldout.get("candidate_bpb"),
         "reference_bpb": heldout.get("reference_bpb"),
         "bpb_delta": heldout.get("delta"),
@@ -66,7 +68,7 @@ def row_of(model: str, width: str, precision: str, doc: dict, bench: dict | None
         "heldout_tokens": heldout.get("tokens"),
         "quantization": manifest["quantization"],
         "reference": ran.get("reference"),
-        "graph_sha256": {k: v for k, v in manifest["files"].items() if k.endswith(".onnx")},
+        "graph_sha256": {k: v for k, v in manifest["files"].items() if k.endswith(".onnx") or k == WEIGHTS_FILE},
     }
     return _bench_columns(row, bench)
 

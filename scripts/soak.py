@@ -64,7 +64,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from soak_fp64 import ChildReference, InlineReference, Tokens, fp32_context, verify_reference
 from soak_report import Block, load_checkpoint, print_table, save_checkpoint, summarize
 
-from edgeseq.deploy.bundle import read_manifest
+from edgeseq.deploy.bundle import graph_file, read_manifest
 from edgeseq.deploy.pipeline import ExportRequest, export_bundle
 from edgeseq.deploy.runtimes import Placement, open_runner
 from edgeseq.deploy.validation import reference_model
@@ -195,7 +195,7 @@ def setup(args, console: Console) -> Run:
     session = open_stream(root, manifest, args.threads)
     model32, _ = reference_model(root, manifest, "cpu")
     model64 = copy.deepcopy(model32).double().eval()
-    tokens, graph_sha = Tokens(), manifest["files"][f"{FLAVOR}/step.onnx"]
+    tokens, graph_sha = Tokens(), manifest["files"][graph_file(FLAVOR, "step")]
     if args.resume:
         meta, fp64_state = load_checkpoint(Path(args.checkpoint), session, graph_sha)
         meta["segments"] += 1

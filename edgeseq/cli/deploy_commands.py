@@ -218,6 +218,8 @@ def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golde
             console.print(f"{name}: {mark} {res['summary']}", highlight=False)
         for name, why in outcome["not_run"].items():
             console.print(f"[yellow]not run here[/]: {name} ({why})", highlight=False)
+        if "genai" in outcome:
+            console.print(outcome["genai"]["summary"], highlight=False)
     if not outcome["passed"]:
         raise SystemExit(1)
 

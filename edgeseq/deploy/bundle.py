@@ -1,16 +1,29 @@
-"""Bundles: what an app ships. A directory written atomically:
+"""Bundles: what an app ships. A directory written atomically, every file at its top level:
 
     manifest.json            schema, model config, width, flavors, precision, I/O signature,
                              target, validation summary, sha256 of every other file
-    <flavor>/step.onnx       one token for each of B streams
-    <flavor>/prefill.onnx    a prompt of any length, chunked scan
-    tokenizer.json           only when the source checkpoint has one (with its
-                             tokenizer_config / special_tokens_map / generation_config
-                             .json); without, the model's ids are bytes (``edgeseq.tokenizer``)
+    <flavor>.step.onnx       one token for each of B streams
+    <flavor>.prefill.onnx    a prompt of any length (left padding masked), chunked scan
+    <flavor>.decoder.onnx    both under one If, as onnxruntime-genai runs them
+                             (``edgeseq.export.genai``); portable and opset27 flavors
+    weights.data             every graph's weights, each tensor stored once: the graphs
+                             are ONNX files whose initializers point into it (ONNX
+                             external data), so the step, prefill and decoder graphs of
+                             every flavor share one copy
+    genai_config.json        onnxruntime-genai's configuration: ``og.Model(<bundle>)``
+                             loads the directory (absent where it cannot run the model;
+                             the manifest's ``genai`` entry says why)
+    tokenizer.json           the source checkpoint's (with its tokenizer_config /
+                             special_tokens_map / generation_config .json); a model of
+                             byte ids gets a byte-level one for onnxruntime-genai, while
+                             edgeseq reads its ids as bytes (``edgeseq.tokenizer``)
     reference/               only with ``--embed-reference``: the extracted model (native,
                              fp32); otherwise the manifest names the source model and its
                              weights digest, and validation rebuilds the reference from it
     README.md                how to run it on the device
+
+One directory level keeps the weights beside every graph: onnxruntime refuses external
+data outside a model's own directory.
 
 This module is torch-free, so that ``edgeseq run`` can read bundles without PyTorch;
 it imports nothing from the rest of ``edgeseq.deploy``.
@@ -27,8 +40,11 @@ from typing import Any
 from edgeseq.errors import EdgeseqError
 from edgeseq.tokenizer import Tokenizer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: flat layout, weights stored once in weights.data, genai_config.json
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with a margin
+WEIGHTS_FILE = "weights.data"
+INLINE_BYTES = 1024  # smaller tensors stay in their graph (constants, norms of tiny models)
+ALIGN, ALIGN_LARGE, LARGE = 64, 4096, 1024**2  # offsets: a tensor over LARGE bytes starts on a page (mmap)
 
 
 class BundleError(EdgeseqError):
@@ -58,6 +74,61 @@ def write_graph(path: Path, proto) -> None:
                         location=f"{path.name}.data", size_threshold=1024)
     else:
         onnx.save_model(proto, path)
+
+
+def graph_file(flavor: str, kind: str) -> str:
+    """A graph's file name in a bundle."""
+    return f"{flavor}.{kind}.onnx"
+
+
+def write_graphs(root: Path, graphs: dict[str, Any]) -> int:
+    """Save ONNX models (file name -> proto) into ``root`` with their weights in one
+    ``weights.data``: a tensor two graphs hold (by content) is written once and both point
+    at it. Returns the bytes of weights.data. The protos given are not changed."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    offsets: dict[bytes, tuple[int, int]] = {}
+    with (root / WEIGHTS_FILE).open("wb") as data:
+        for name, proto in graphs.items():
+            model = onnx.ModelProto()
+            model.CopyFrom(proto)
+            for tensor in _initializers(model.graph):
+                if len(tensor.raw_data) < INLINE_BYTES:
+                    continue
+                key = hashlib.sha256(tensor.raw_data).digest()
+                if key not in offsets:
+                    align = ALIGN_LARGE if len(tensor.raw_data) > LARGE else ALIGN
+                    data.write(b"\0" * (-data.tell() % align))
+                    offsets[key] = (data.tell(), len(tensor.raw_data))
+                    data.write(tensor.raw_data)
+                offset, length = offsets[key]
+                set_external_data(tensor, WEIGHTS_FILE, offset=offset, length=length)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                tensor.ClearField("raw_data")
+            onnx.save_model(model, root / name)
+        size = data.tell()
+    if not offsets:
+        (root / WEIGHTS_FILE).unlink()
+    return size
+
+
+def _initializers(graph):
+    """Every initializer of a graph and of the subgraphs in its nodes (If branches, loops)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                yield from _initializers(sub)
+
+
+def bundle_tokenizer(root: Path, manifest: dict[str, Any]) -> Tokenizer:
+    """The tokenizer edgeseq reads a bundle's ids with: its checkpoint's tokenizer.json
+    where it carried one (checked against its sha256 when the manifest was read), else
+    bytes (a byte-level tokenizer.json there is onnxruntime-genai's)."""
+    from edgeseq.tokenizer import ByteTokenizer, load_tokenizer
+
+    return load_tokenizer(root) if (manifest.get("tokenizer") or {}).get("files") else ByteTokenizer()
 
 
 def carry_tokenizer(tokenizer: Tokenizer, root: Path, vocab_size: int) -> dict[str, Any] | None:
@@ -142,8 +213,11 @@ def device_readme(manifest: dict[str, Any]) -> str:
         "| --- | --- | --- |",
         *(f"| `{t['name']}` | {t['dtype']} | {t['shape']} |" for t in state),
         "",
-        "Prefill a prompt with `prefill.onnx` (`input_ids` [B, T], same state inputs), then",
-        "decode with `step.onnx`. From Python, with the runtime only (`pip install edgeseq`, no PyTorch):",
+        "Prefill a prompt with `<flavor>.prefill.onnx` (`input_ids` [B, T], `attention_mask` [B, T],",
+        "same state inputs), then decode with `<flavor>.step.onnx`; their weights are in `weights.data`.",
+        _genai_line(manifest.get("genai")),
+        "",
+        "From Python, with the runtime only (`pip install edgeseq`, no PyTorch):",
         "",
         "```python",
         "from edgeseq.runtimes.session import StreamingSession",
@@ -155,17 +229,26 @@ def device_readme(manifest: dict[str, Any]) -> str:
         "    print(\"\".join(session.generate(\"def \", 100)))  # text in, text out",
         "```",
         "",
-        _tokenizer_line(manifest.get("tokenizer")),
+        _tokenizer_line(manifest.get("tokenizer"), bool((manifest.get("genai") or {}).get("tokenizer_files"))),
         "",
         f"Validation when exported: {manifest.get('validation', {}).get('summary', 'not run')}.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _tokenizer_line(entry: dict[str, Any] | None) -> str:
+def _genai_line(entry: dict[str, Any] | None) -> str:
+    if entry is None or not entry.get("config"):
+        why = (entry or {}).get("why_not", "it was written without one")
+        return f"onnxruntime-genai cannot load this bundle: {why}."
+    return (f"onnxruntime-genai loads this directory as it is (`og.Model(\"<bundle>\")`, or its C, C++, "
+            f"C#, Java and Objective-C APIs): `{entry['config']}` names `{entry['decoder']}`.")  # fmt: skip
+
+
+def _tokenizer_line(entry: dict[str, Any] | None, byte_json: bool = False) -> str:
     if entry is None:
         return "Token ids: the model's own; this bundle carries no tokenizer, so it streams ids, not text."
     if entry["files"]:
         return (f"Tokenizer: `tokenizer.json` ({entry['vocab_size']} ids, read with the `tokenizers` library; "
                 f"EOS {entry['eos_ids']}); `session.tokenizer` encodes and decodes.")  # fmt: skip
-    return "Tokenizer: bytes (ids 0-255 are the UTF-8 bytes of the text, 256 BOS, 257 EOS)."
+    line = "Tokenizer: bytes (ids 0-255 are the UTF-8 bytes of the text, 256 BOS, 257 EOS)"
+    return line + ("; `tokenizer.json` spells the same ids for onnxruntime-genai." if byte_json else ".")

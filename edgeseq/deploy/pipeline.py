@@ -20,30 +20,43 @@ source model the manifest names (its weights digest is checked), or carried in
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeseq.atomic import atomic_dir
 from edgeseq.deploy.bundle import (
+    bundle_tokenizer,
     carry_tokenizer,
     device_readme,
+    graph_file,
     not_a_bundle,
     read_manifest,
-    write_graph,
+    write_graphs,
     write_manifest,
 )
+from edgeseq.deploy.genai_check import STEPS as GENAI_STEPS
+from edgeseq.deploy.genai_check import check_genai
 from edgeseq.deploy.progress import Progress
 from edgeseq.deploy.runtimes import runnable_here, why_not_here
-from edgeseq.deploy.validation import ValidationFailedError, reference_model, resolve_device, validate_flavor
+from edgeseq.deploy.validation import (
+    ValidationFailedError,
+    reference_model,
+    resolve_device,
+    validate_flavor,
+    validation_prompts,
+)
 from edgeseq.errors import EdgeseqError
 from edgeseq.export import compat
+from edgeseq.export.genai import CONFIG_FILE as GENAI_CONFIG
+from edgeseq.export.genai import GENAI_FLAVORS, decoder_graph, genai_config, genai_max_length, why_not_genai
 from edgeseq.export.graphs import SPLIT_K, build_graph
 from edgeseq.export.quantize import QuantOptions, quantize_graph
 from edgeseq.export.spec import graph_io
 from edgeseq.extract import extract
 from edgeseq.targets import Target, get_target
-from edgeseq.tokenizer import load_tokenizer, tokenizer_of
+from edgeseq.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_of
 from edgeseq.width import WidthSpec, exact_width, resolve, untrained_warning
 
 __all__ = ["ExportRequest", "ValidationFailedError", "export_bundle", "quantize_bundle"]
@@ -156,7 +169,9 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
     for flavor in flavors:
         progress("export", flavor)
         split = SPLIT_K if chosen.precision == "fp32" else None  # quantizers need the plain MatMuls
-        graphs[flavor] = {kind: build_graph(model, kind, flavor, split_k=split) for kind in ("step", "prefill")}
+        tied_once = chosen.precision in ("fp32", "fp16")  # the int8/int4 quantizers read a [V, D] table
+        graphs[flavor] = {kind: build_graph(model, kind, flavor, split_k=split, tied_once=tied_once)
+                          for kind in ("step", "prefill")}  # fmt: skip
         if chosen.precision != "fp32":
             progress("quantize", f"{flavor}: {options.describe()}")
             graphs[flavor] = {kind: quantize_graph(g, options) for kind, g in graphs[flavor].items()}
@@ -190,15 +205,19 @@ def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: d
     from edgeseq.validate import plot_drift, write_report
 
     precision = manifest["precision"]
-    for flavor, kinds in graphs.items():
-        for kind, proto in kinds.items():
-            write_graph(tmp / flavor / f"{kind}.onnx", proto)
+    files = {graph_file(f, kind): proto for f, kinds in graphs.items() for kind, proto in kinds.items()}
+    manifest["genai"], decoder = genai_entry(model.config, manifest, graphs)
+    if decoder is not None:
+        files[manifest["genai"]["decoder"]] = decoder
+    manifest["weights_bytes"] = write_graphs(tmp, files)
+    if decoder is not None:
+        write_genai_config(tmp, model.config, manifest)
     if req.embed_reference:
         (tmp / "reference").mkdir()
         Native.write(model, tmp / "reference", {"source": manifest["model_name"], "width": manifest["width"]})
         manifest["reference"] = {**manifest["reference"], "embedded": "reference"}
     validation = {"ran": {}, "not_run": {}}
-    manifest["graphs"] = {f: {k: f"{f}/{k}.onnx" for k in kinds} for f, kinds in graphs.items()}
+    manifest["graphs"] = {f: {k: graph_file(f, k) for k in kinds} for f, kinds in graphs.items()}
     if req.validate:
         device = resolve_device(req.reference_device)
         for flavor in graphs:
@@ -214,12 +233,50 @@ def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: d
             validation["ran"][flavor] = {**result.to_dict(), "reference": device}
             if not result:
                 raise ValidationFailedError(f"{flavor} graphs fail validation: {result.summary()}; nothing was written")
+    if req.validate:
+        progress("validate", "through onnxruntime-genai, greedy against the bundle's own graphs")
+        genai = check_genai(tmp, manifest, validation_prompts(model.config, req.prompts), min(req.steps, GENAI_STEPS))
+        validation["genai"] = genai.to_dict()
+        if not genai:
+            raise ValidationFailedError(f"{genai.summary()}; nothing was written")
     validation["summary"] = "; ".join(f"{f}: {v['summary']}" for f, v in validation["ran"].items()) or "not run"
     manifest["validation"] = validation
     progress("bundle", str(req.output))
     (tmp / "README.md").write_text(device_readme(manifest))
     manifest = write_manifest(tmp, manifest)
     return manifest
+
+
+def genai_entry(config, manifest: dict, graphs: dict) -> tuple[dict[str, Any], Any]:
+    """The manifest's ``genai`` entry and the decoder graph onnxruntime-genai runs (None,
+    with the reason in the entry, where it cannot run the bundle)."""
+    flavor = next((f for f in GENAI_FLAVORS if f in graphs), None)
+    if flavor is None:
+        return {"why_not": f"its flavors ({', '.join(graphs)}) hold ops onnxruntime does not run"}, None
+    if why := why_not_genai(config, manifest["io"]["step"]):
+        return {"why_not": why}, None
+    decoder = decoder_graph(graphs[flavor]["step"], graphs[flavor]["prefill"])
+    return {"config": GENAI_CONFIG, "decoder": graph_file(flavor, "decoder"), "flavor": flavor}, decoder
+
+
+def write_genai_config(tmp: Path, config, manifest: dict) -> None:
+    """genai_config.json, and a byte-level tokenizer.json where the model's ids are bytes."""
+    tokenizer = manifest.get("tokenizer")
+    if tokenizer is not None and not tokenizer["files"]:
+        manifest["genai"]["tokenizer_files"] = ByteTokenizer().write_files(tmp, config.vocab_size)
+    if tokenizer is None:  # ids that are not bytes and no tokenizer: any id may be real; og masks only batches
+        pad = 0
+    else:
+        pad = _hf_pad(tmp, tokenizer) if tokenizer["files"] else ByteTokenizer.pad_id
+    doc = genai_config(config, manifest["io"]["step"], manifest["genai"]["decoder"], tokenizer, pad,
+                       genai_max_length(config))  # fmt: skip
+    (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _hf_pad(tmp: Path, tokenizer: dict) -> int:
+    """A checkpoint tokenizer's pad id, else its first EOS (what onnxruntime-genai's builder does)."""
+    pad = load_tokenizer(tmp).pad_id
+    return pad if pad is not None else (tokenizer["eos_ids"] or [0])[0]
 
 
 def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bool = False, block_size: int = 32,
@@ -247,7 +304,7 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
         new = {k: v for k, v in manifest.items() if k not in ("files", "schema_version", "validation", "graphs")}
         new |= {"precision": precision, "quantization": options.describe(), "quantized_from": str(source)}
         new["reference"] = {k: v for k, v in manifest["reference"].items() if k != "embedded"}
-        new["tokenizer"] = carry_tokenizer(load_tokenizer(source), tmp, model.config.vocab_size)
+        new["tokenizer"] = carry_tokenizer(bundle_tokenizer(source, manifest), tmp, model.config.vocab_size)
         req = ExportRequest(None, target.name, None, output, steps=steps, long_steps=long_steps, validate=validate,
                             overwrite=overwrite, threads=threads, embed_reference="embedded" in manifest["reference"])
         return write_bundle(tmp, req, model, graphs, new, progress)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.deploy.bundle import read_manifest
+from edgeseq.deploy.bundle import bundle_tokenizer, read_manifest
 from edgeseq.deploy.progress import CallProgress
 from edgeseq.deploy.runtimes import Placement, open_runner, runnable_here, why_not_here
 from edgeseq.errors import EdgeseqError
@@ -140,7 +140,7 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
     target's execution providers; ``threads`` (None: all cores) is this machine's.
     ``progress(done, total)`` is called after every candidate call."""
     from edgeseq.runtimes.torch_runner import TorchRunner
-    from edgeseq.tokenizer import TokenizerError, load_tokenizer
+    from edgeseq.tokenizer import TokenizerError
     from edgeseq.validate import compare
     from edgeseq.validate.heldout import heldout_gate
 
@@ -149,7 +149,7 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
     limit = model.config.stream_limit()
     if limit is not None:
         steps, long_steps = min(steps, limit), min(long_steps, limit)
-    tokenizer = load_tokenizer(bundle)  # the bundle's tokenizer.json, else bytes
+    tokenizer = bundle_tokenizer(bundle, manifest)  # the checkpoint's tokenizer.json, else bytes
     if heldout is not None and not tokenizer.fits(model.config.vocab_size):
         heldout, skipped = None, "the model's vocabulary is not bytes and the bundle carries no tokenizer.json"
     else:
@@ -282,7 +282,17 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
                                  progress=progress(f) if progress else None)  # fmt: skip
         _record(outcome, f, result, result.compare, result.to_dict()["heldout"])
         _write_outputs(result.compare, f, report, plot, len(runnable) > 1)
+    _check_genai(outcome, bundle, manifest, validation_prompts(model.config, 4), steps)
     return outcome
+
+
+def _check_genai(outcome: dict, bundle: Path, manifest: dict, prompts: list[np.ndarray], steps: int) -> None:
+    """The bundle through onnxruntime-genai (``edgeseq.deploy.genai_check``), into the outcome."""
+    from edgeseq.deploy.genai_check import STEPS, check_genai
+
+    check = check_genai(bundle, manifest, prompts, min(steps, STEPS))
+    outcome["genai"] = check.to_dict()
+    outcome["passed"] &= bool(check)
 
 
 def _record(outcome: dict, flavor: str, verdict, compared, heldout: dict | None = None) -> None:

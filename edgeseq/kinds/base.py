@@ -109,10 +109,12 @@ class LayerKind:
         """Raise ``ConfigError`` if the part cannot be exported."""
 
     def graph(self, g, flavor, config, i: int, size: int, weights: dict[str, np.ndarray], prefix: str, x: str,
-              past: dict[str, str], position: str | None, rank: int) -> tuple[str, dict[str, str]]:
+              past: dict[str, str], position: str | None, mask: str | None, rank: int) -> tuple[str, dict[str, str]]:
         """x [b,(t,)d] normed -> (out [b,(t,)d], present state names); ``weights`` are the
         part's (short names), ``prefix`` their initializer prefix, ``rank`` 2 for the step
-        graph and 3 for prefill."""
+        graph and 3 for prefill. ``mask`` (prefill only, else None): the int64 [b, t]
+        ``attention_mask``, 0 = a left pad, which must leave the part's state untouched
+        (its output there is don't-care but finite)."""
         raise NotImplementedError
 
     # ---- sizing ----------------------------------------------------------------------

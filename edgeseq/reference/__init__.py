@@ -5,13 +5,14 @@ and runtime is tested against these functions. Imports nothing from kernels, exp
 runtimes.
 """
 
-from edgeseq.reference.attention import attention_prefill_ref, attention_step_ref, ring_positions
+from edgeseq.reference.attention import attention_prefill_ref, attention_step_ref, ring_positions, token_positions
 from edgeseq.reference.layers import (
     causal_conv1d_ref,
     causal_conv1d_step_ref,
     gate_ref,
     gated_mlp_ref,
     gated_rmsnorm_ref,
+    pads_first,
     relu2_mlp_ref,
     rmsnorm_ref,
     rope_ref,
@@ -30,6 +31,7 @@ __all__ = [
     "moe_experts_ref",
     "moe_ref",
     "moe_route_ref",
+    "pads_first",
     "relu2_mlp_ref",
     "ring_positions",
     "rmsnorm_ref",
@@ -38,4 +40,5 @@ __all__ = [
     "ssd_scan_ref",
     "ssd_sequential_ref",
     "ssd_step_ref",
+    "token_positions",
 ]

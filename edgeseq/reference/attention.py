@@ -32,22 +32,44 @@ def ring_positions(position: Tensor, ring: int) -> tuple[Tensor, Tensor]:
     return pos, pos >= 0
 
 
+def token_positions(position: Tensor, length: int, mask: Tensor | None = None) -> Tensor:
+    """Absolute positions of ``length`` new tokens: position (b,), mask (b, l) or None -> (b, l).
+
+    A token's position counts only the real tokens before it: position + cumsum(mask) - 1.
+    A left pad gets the position of the token before it (position - 1 at the start).
+    """
+    if mask is None:
+        return position[:, None] + torch.arange(length, device=position.device)
+    return position[:, None] + mask.cumsum(1) - 1
+
+
 def attention_prefill_ref(
-    q: Tensor, k: Tensor, v: Tensor, key_cache: Tensor, value_cache: Tensor, position: Tensor, window: int | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    position: Tensor,
+    window: int | None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention of l new tokens over the cached tokens and themselves.
 
-    q (b, l, h, d); k, v (b, l, k, d); key_cache, value_cache (b, k, w, d); position (b,).
-    window: attend to the last ``window`` tokens (None: all cached ones).
+    q (b, l, h, d); k, v (b, l, k, d) rotated at ``token_positions``; key_cache,
+    value_cache (b, k, w, d); position (b,). window: attend to the last ``window`` tokens
+    (None: all cached ones). mask (b, l) or None: 0 marks a left pad, invisible as a key
+    and never written to the cache (a pad query sees only itself: its output is finite
+    and meaningless).
     Returns out (b, l, h, d) and the updated caches (b, k, w, d).
     """
     b, l, h, d = q.shape
     ring = key_cache.size(2)
     # 1. every key the new tokens may see: cached slots, then the new tokens
     cached_pos, cached_valid = ring_positions(position, ring)  # (b, w)
-    new_pos = position[:, None] + torch.arange(l, device=q.device)  # (b, l)
+    new_pos = token_positions(position, l, mask)  # (b, l)
     key_pos = torch.cat([cached_pos, new_pos], dim=1)  # (b, w+l)
-    key_valid = torch.cat([cached_valid, torch.ones_like(new_pos, dtype=torch.bool)], dim=1)
+    new_valid = torch.ones_like(new_pos, dtype=torch.bool) if mask is None else mask.bool()
+    key_valid = torch.cat([cached_valid, new_valid], dim=1)
     keys = torch.cat([key_cache.to(k.dtype), k.transpose(1, 2)], dim=2)  # (b, k, w+l, d)
     values = torch.cat([value_cache.to(v.dtype), v.transpose(1, 2)], dim=2)
     # 2. causal and window masks from absolute positions
@@ -55,16 +77,25 @@ def attention_prefill_ref(
     visible = key_valid[:, None, :] & (age >= 0)
     if window is not None:
         visible &= age < window
+    if mask is not None:  # every query sees itself: a pad row of the softmax is not all -inf
+        i = torch.arange(ring + l, device=q.device)
+        visible |= i[None, :] == i[ring:, None]  # (l, w+l): query t and key w+t
     # 3. softmax attention with kv heads shared by their query groups
     scores = torch.einsum("blhd,bhjd->bhlj", q, _expand_kv(keys, h)) / math.sqrt(d)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     out = torch.einsum("bhlj,bhjd->blhd", scores.softmax(-1), _expand_kv(values, h))
-    # 4. write the newest min(l, w) tokens into their slots
+    # 4. write the newest min(l, w) tokens into their slots; a pad writes back what its slot holds
     keep = min(l, ring)
     slots = torch.remainder(new_pos[:, l - keep :], ring)  # (b, keep)
     index = slots[:, None, :, None].expand(-1, key_cache.size(1), -1, d)
-    key_cache = key_cache.scatter(2, index, k[:, l - keep :].transpose(1, 2).to(key_cache.dtype))
-    value_cache = value_cache.scatter(2, index, v[:, l - keep :].transpose(1, 2).to(value_cache.dtype))
+    k_new = k[:, l - keep :].transpose(1, 2).to(key_cache.dtype)
+    v_new = v[:, l - keep :].transpose(1, 2).to(value_cache.dtype)
+    if mask is not None:
+        real = mask[:, None, l - keep :, None].bool()  # (b, 1, keep, 1)
+        k_new = torch.where(real, k_new, key_cache.gather(2, index))
+        v_new = torch.where(real, v_new, value_cache.gather(2, index))
+    key_cache = key_cache.scatter(2, index, k_new)
+    value_cache = value_cache.scatter(2, index, v_new)
     return out, key_cache, value_cache
 
 

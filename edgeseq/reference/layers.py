@@ -15,13 +15,38 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def pads_first(window: Tensor, mask: Tensor) -> Tensor:
+    """Move each row's left pads ahead of the state columns of a conv window.
+
+    window (b, c, s+l): s state columns, then l tokens of which each row's first p are
+    pads; mask (b, l), 1 = token, 0 = pad (pads only before tokens). Returns the window
+    with columns [pads | state | tokens]: every token's conv window then covers the state
+    and the tokens before it, never a pad, and the last s columns are the state a pad
+    leaves untouched. Column i < s+p comes from column (i + s) mod (s + p).
+    """
+    b, c, n = window.shape
+    s = n - mask.size(1)
+    pads = mask.size(1) - mask.sum(1, keepdim=True)  # (b, 1)
+    lead = (s + pads).clamp(min=1)  # columns before the first token (at least 1: no mod by 0)
+    i = torch.arange(n, device=window.device)
+    src = torch.where(i >= lead, i, torch.remainder(i + s, lead))  # (b, n)
+    return window.gather(2, src[:, None, :].expand(b, c, n))
+
+
 def causal_conv1d_ref(
-    x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None, silu: bool = True
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    state: Tensor | None = None,
+    silu: bool = True,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Depthwise causal conv over a sequence.
 
     x (b, l, c); weight (c, k); bias (c,) or None; state (b, c, k-1): the last k-1 inputs
-    before x (zeros at the start of a stream). Returns y (b, l, c) and the new state.
+    before x (zeros at the start of a stream); mask (b, l) or None: 0 marks a left pad,
+    which no token's window sees and the state skips (``pads_first``; its own output is
+    meaningless). Returns y (b, l, c) and the new state.
     """
     b, l, c = x.shape
     k = weight.size(-1)
@@ -30,6 +55,8 @@ def causal_conv1d_ref(
     if l == 0:
         return x, state
     window = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # (b, c, k-1+l)
+    if mask is not None:
+        window = pads_first(window, mask)
     y = F.conv1d(window, weight[:, None, :].to(x.dtype), None if bias is None else bias.to(x.dtype), groups=c)
     new_state = window[..., window.size(-1) - (k - 1) :]
     y = y.transpose(1, 2)  # (b, l, c)

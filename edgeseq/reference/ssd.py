@@ -14,7 +14,8 @@ The state layout (b, h, n, p) is the key-by-value layout of linear attention.
 
 Where this departs from the paper's listing: inputs are X and dt separately (not X*dt),
 sequences of any length are padded inside with dt = 0 (no decay, no input, so the final
-state is exact), and D is applied here so a scan is a whole SSM output.
+state is exact), and D is applied here so a scan is a whole SSM output. The same dt = 0
+is how a caller skips a token (a left pad of a batch): the state passes it unchanged.
 """
 
 from __future__ import annotations

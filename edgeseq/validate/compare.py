@@ -38,7 +38,7 @@ from typing import Protocol
 import numpy as np
 
 from edgeseq.errors import UsageError
-from edgeseq.export.spec import BATCH, GraphIO, Tolerance
+from edgeseq.export.spec import ATTENTION_MASK, BATCH, GraphIO, Tolerance
 from edgeseq.validate.results import (  # noqa: F401  (re-exported: one import site for users)
     LOGITS,
     PHASE_CHECKS,
@@ -70,12 +70,21 @@ class Runner(Protocol):
 
 
 def token_input(io: GraphIO) -> str:
-    """The one input that is not state: ``input_ids``."""
+    """The one input that is neither state nor a prefill's mask: ``input_ids``."""
     state = {p for p, _ in io.state_pairs}
-    rest = [t.name for t in io.inputs if t.name not in state]
+    rest = [t.name for t in io.inputs if t.name not in state and t.name != ATTENTION_MASK]
     if len(rest) != 1:
         raise UsageError(f"expected one token input besides the state, found {rest}")
     return rest[0]
+
+
+def token_feeds(io: GraphIO, tokens: np.ndarray) -> Feeds:
+    """The feeds besides the state: ``tokens`` [B, T] and, where the graph takes one (a
+    prefill graph), an all-ones ``attention_mask`` (validation feeds unpadded prompts)."""
+    feeds = {token_input(io): tokens}
+    if any(t.name == ATTENTION_MASK for t in io.inputs):
+        feeds[ATTENTION_MASK] = np.ones(tokens.shape, np.int64)
+    return feeds
 
 
 def zero_state(io: GraphIO, batch: int = 1) -> Feeds:
@@ -169,7 +178,6 @@ def run_stream(
     fp64 model, run beside both sides; its outputs go to ``comparison.add``. Returns the
     calls made.
     """
-    ids = token_input(io)
     tokens = np.zeros((1, 1), np.int64) if tokens is None else as_tokens(tokens)
     ref_state = dict(state) if state is not None else zero_state(io, tokens.shape[0])
     cand_state = {k: v.copy() for k, v in ref_state.items()}  # no buffer shared between sides
@@ -178,14 +186,14 @@ def run_stream(
     for step in range(steps):
         fp64 = None
         if oracle is not None:
-            fp64 = infer_arrays(oracle, {ids: token.copy(), **fp64_state})
+            fp64 = infer_arrays(oracle, {**token_feeds(io, token.copy()), **fp64_state})
             fp64_state = {past: fp64[present] for past, present in io.state_pairs}
-        feeds = {ids: token, **ref_state}
+        feeds = {**token_feeds(io, token), **ref_state}
         ref = infer_arrays(reference, feeds)
         if record is not None:
             record.append((feeds, ref))
         if candidate is not None and comparison is not None:
-            cand = infer_arrays(candidate, {ids: token.copy(), **cand_state})
+            cand = infer_arrays(candidate, {**token_feeds(io, token.copy()), **cand_state})
             if not comparison.add(ref, cand, oracle=fp64):
                 return step + 1
             cand_state = {past: cand[present] for past, present in io.state_pairs}
@@ -226,10 +234,10 @@ def compare_prefill(
     """Each prompt ([T] or [B, T] int64) from the zero state, every output compared."""
     _, tol = resolve_tolerance(tolerance)
     comparison = Comparison("prefill", _names(io))
-    ids = token_input(io)
     for prompt in map(as_tokens, prompts):
         if takes_whole_prompt(io, prompt.shape[1]):
-            run_calls(reference, candidate, [{ids: prompt, **zero_state(io, prompt.shape[0])}], comparison)
+            feeds = {**token_feeds(io, prompt), **zero_state(io, prompt.shape[0])}
+            run_calls(reference, candidate, [feeds], comparison)
         else:
             run_stream(reference, candidate, io, prompt.shape[1], comparison, tokens=prompt)
         if not comparison.comparable:
@@ -252,11 +260,10 @@ def compare_handoff(
     of one bundle, at one precision, should hand decode the same state."""
     _, tol = resolve_tolerance(tolerance)
     comparison = Comparison("handoff", _names(prefill_io))
-    ids = token_input(prefill_io)
     for prompt in map(as_tokens, prompts):
         calls: list[Record] = []
         run_stream(step, None, step_io, prompt.shape[1], tokens=prompt, record=calls)
-        whole = infer_arrays(prefill, {ids: prompt, **zero_state(prefill_io, prompt.shape[0])})
+        whole = infer_arrays(prefill, {**token_feeds(prefill_io, prompt), **zero_state(prefill_io, prompt.shape[0])})
         if not comparison.add(calls[-1][1], whole):
             break
     return comparison.result(tol.handoff())

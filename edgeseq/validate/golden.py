@@ -57,6 +57,7 @@ from edgeseq.validate.compare import (
     random_prompts,
     run_stream,
     takes_whole_prompt,
+    token_feeds,
     token_input,
     vocab_size,
     zero_state,
@@ -221,7 +222,7 @@ def _stream(phase: str, reference: Runner, io: GraphIO, steps: int, tokens: np.n
 
 def _whole_prompt(reference: Runner, io: GraphIO, prompt: np.ndarray) -> GoldenRecord:
     """One call of a whole prompt from the zero state."""
-    out = infer_arrays(reference, {token_input(io): prompt, **zero_state(io, prompt.shape[0])})
+    out = infer_arrays(reference, {**token_feeds(io, prompt), **zero_state(io, prompt.shape[0])})
     final = {k: v for k, v in out.items() if k != LOGITS}
     return GoldenRecord("prefill", prompt, True, np.array([prompt.shape[1] - 1]), out[LOGITS][None], final)
 
@@ -285,13 +286,13 @@ def _play(rec: GoldenRecord, runner: Runner, io: GraphIO, whole: bool) -> Iterat
     """(index of the last token taken, outputs) of each call the candidate makes: one call
     of the whole prompt, or one per token with its own state fed back. Stops early where
     an output could not be fed back (missing or misshapen: the comparison says which)."""
-    ids, tokens = token_input(io), rec.tokens
+    tokens = rec.tokens
     state = {k: v.copy() for k, v in rec.start.items()} if rec.start is not None else zero_state(io, tokens.shape[0])
     if whole:
-        yield tokens.shape[1] - 1, infer_arrays(runner, {ids: tokens, **state})
+        yield tokens.shape[1] - 1, infer_arrays(runner, {**token_feeds(io, tokens), **state})
         return
     for t in range(tokens.shape[1]):
-        out = infer_arrays(runner, {ids: np.ascontiguousarray(tokens[:, t : t + 1]), **state})
+        out = infer_arrays(runner, {**token_feeds(io, np.ascontiguousarray(tokens[:, t : t + 1])), **state})
         yield t, out
         if _broken(out, rec):
             return
@@ -378,7 +379,8 @@ def compare_golden(
         replay = replays.setdefault(rec.phase, _PhaseReplay(rec.phase, list(rec.final)))
         if replay.comparable:
             whole = rec.whole and prefill_candidate is not None
-            replay.replay(rec, prefill_candidate if whole else candidate, golden.io, whole)
+            io = (golden.prefill_io or golden.io) if whole else golden.io  # a prefill graph also takes a mask
+            replay.replay(rec, prefill_candidate if whole else candidate, io, whole)
     streams = {p: [r for r in golden.records if r.phase == p] for p in replays}
     reference = dict(golden.info.get("reference") or {"name": "golden", "type": "golden", "device": "unknown"})
     settings = {"golden": source, "records": len(golden.records), "state_rel_l2": state_rel_l2,

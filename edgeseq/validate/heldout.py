@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edgeseq.export.spec import TOLERANCES, GraphIO
-from edgeseq.validate.compare import infer_arrays, token_input, zero_state
+from edgeseq.validate.compare import infer_arrays, token_feeds, zero_state
 from edgeseq.validate.metrics import kl_per_row, log_softmax, top1_matches
 
 
@@ -141,7 +141,7 @@ def heldout_gate(reference, candidate, io: GraphIO, precision: str, streams: int
         (runners, graph_io) = graphs[kind]
         logits = []
         for side, runner in enumerate(runners):
-            out = infer_arrays(runner, {token_input(graph_io): ids, **states[side]})
+            out = infer_arrays(runner, {**token_feeds(graph_io, ids), **states[side]})
             last = out["logits"][:, -1] if out["logits"].ndim == 3 else out["logits"]  # [S, V]
             logits.append(last)
             nats[side] -= float(np.sum(log_softmax(last)[rows, target]))

@@ -30,7 +30,7 @@ class Relu2Module(nn.Module):
         self.up = nn.Linear(d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
 
-    def forward(self, p, x, state, position, kept):
+    def forward(self, p, x, state, position, kept, mask=None):
         return F.linear(F.relu(F.linear(x, p["up.weight"])).square(), p["down.weight"]), state
 
     step = forward
@@ -58,7 +58,7 @@ class Relu2MLP(LayerKind):
     def module(self, config, i, size):
         return Relu2Module(config.d_model, size)
 
-    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, rank):
+    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, mask, rank):
         """down(relu(up(x))^2): MatMul, Relu, Mul, MatMul."""
         hidden = g.op("Relu", g.linear(x, g.matrix(weights, prefix, "up")))
         return g.linear(g.op("Mul", hidden, hidden), g.matrix(weights, prefix, "down")), {}

@@ -39,7 +39,10 @@ def test_bundle_layout_and_manifest(bundle):
     assert manifest["flavors"] == ["portable", "opset27"] and manifest["width"] == "0.5"
     assert set(manifest["validation"]["ran"]) == {"portable", "opset27"}
     assert all(v["passed"] for v in manifest["validation"]["ran"].values())
-    for rel in ("portable/step.onnx", "portable/prefill.onnx", "opset27/step.onnx", "README.md",
+    genai = manifest["validation"]["genai"]  # onnxruntime-genai ran the decoder: same greedy tokens
+    assert genai["passed"] and len(genai["streams"]) == 4 and all(1 <= s["tokens"] <= 24 for s in genai["streams"]), genai
+    for rel in ("portable.step.onnx", "portable.prefill.onnx", "opset27.step.onnx", "portable.decoder.onnx",
+                "weights.data", "genai_config.json", "tokenizer.json", "README.md",
                 "validation/portable.json", "validation/portable_drift.png"):
         assert rel in manifest["files"], rel
     assert not any(rel.startswith("reference/") for rel in manifest["files"])  # the device gets graphs only
@@ -57,7 +60,7 @@ def test_altered_bundle_is_refused(bundle, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
-    with open(copy / "portable" / "step.onnx", "ab") as f:
+    with open(copy / "portable.step.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(BundleError, match="sha256"):
         read_manifest(copy)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from edgeseq.config import LayerSpec, ModelConfig
 from edgeseq.errors import ConfigError
+from edgeseq.export.spec import token_feeds
 from edgeseq.extract import extract
 from edgeseq.kinds import get_kind
 from edgeseq.kinds.attention import AttentionParams
@@ -104,7 +105,8 @@ def test_graphs_match_the_model(flavor):
     def run(kind, ids, state):
         io, sess = sessions[kind]
         named = state.to_named()
-        feeds = {"input_ids": ids} | {s.name: named[s.name.removeprefix("past.")].numpy() for s in io.inputs[1:]}
+        feeds = token_feeds(io, ids)
+        feeds |= {s.name: named[s.name.removeprefix("past.")].numpy() for s in io.inputs if s.name not in feeds}
         return dict(zip([o.name for o in io.outputs], sess.run(None, feeds)))
 
     ids = np.random.randint(0, 61, (batch, 9)).astype(np.int64)

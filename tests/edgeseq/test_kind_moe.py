@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from edgeseq.config import LayerSpec, ModelConfig
 from edgeseq.errors import ConfigError
+from edgeseq.export.spec import token_feeds
 from edgeseq.extract import extract
 from edgeseq.kinds import get_kind
 from edgeseq.kinds.attention import AttentionParams
@@ -127,7 +128,8 @@ def sessions_for(model, flavor="portable", precision="fp32"):
 def run(sessions, kind, ids, state):
     io, sess, _ = sessions[kind]
     named = state.to_named()
-    feeds = {"input_ids": ids} | {s.name: named[s.name.removeprefix("past.")].numpy() for s in io.inputs[1:]}
+    feeds = token_feeds(io, ids)
+    feeds |= {s.name: named[s.name.removeprefix("past.")].numpy() for s in io.inputs if s.name not in feeds}
     return dict(zip([o.name for o in io.outputs], sess.run(None, feeds)))
 
 

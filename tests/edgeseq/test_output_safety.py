@@ -65,7 +65,7 @@ def test_overwrite_replaces_an_earlier_bundle(tmp_path):
     (out / "stale.onnx").write_text("old")
     result = cli("export", *QUICK, "-o", str(out), "--overwrite", "--json")
     assert result.exit_code == 0, result.output
-    assert (out / "portable" / "step.onnx").is_file() and not (out / "stale.onnx").exists()
+    assert (out / "portable.step.onnx").is_file() and not (out / "stale.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 

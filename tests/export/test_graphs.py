@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgeseq.export.graphs import build_graph
-from edgeseq.export.spec import graph_io
+from edgeseq.export.spec import graph_io, token_feeds
 from edgeseq.export.trt_plugins import PLUGINS
 from edgeseq.kinds.mamba2 import Mamba2Params
 from edgeseq.runtimes import plugin_ops
@@ -45,10 +45,10 @@ def session(model_proto: onnx.ModelProto, flavor: str = "portable", plugins: str
 
 def feeds_from(state: ModelState, ids: np.ndarray, io) -> dict[str, np.ndarray]:
     named = state.to_named()
-    feeds = {"input_ids": ids}
-    for spec in io.inputs[1:]:
-        key = spec.name.removeprefix("past.")
-        feeds[spec.name] = named[key].detach().numpy()
+    feeds = token_feeds(io, ids)
+    for spec in io.inputs:
+        if spec.name not in feeds:
+            feeds[spec.name] = named[spec.name.removeprefix("past.")].detach().numpy()
     return feeds
 
 

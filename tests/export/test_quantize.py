@@ -45,6 +45,8 @@ def feeds(sess, tokens: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         shape = [2 if isinstance(d, str) and d == "batch" else tokens if isinstance(d, str) else d for d in i.shape]
         if i.name == "input_ids":
             out[i.name] = rng.integers(0, 256, shape).astype(np.int64)
+        elif i.name == "attention_mask":
+            out[i.name] = np.ones(shape, np.int64)
         elif i.name == "position":
             out[i.name] = np.full(shape, 7, dtype=np.int64)
         else:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeseq.export.spec import graph_io
+from edgeseq.export.spec import graph_io, token_feeds
 from edgeseq.runtimes.base import FeedError, RunnerNotActiveError
 from edgeseq.runtimes.torch_runner import TorchRunner
 from edgeseq.state import ModelState
@@ -18,9 +18,12 @@ ATOL = 1e-6  # same model, same fp32 ops: only the path through numpy differs
 
 def random_feeds(config, kind: str, batch: int, tokens: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Fresh feeds for the graph of ``kind``: random ids, state and position."""
-    feeds = {"input_ids": rng.integers(0, config.vocab_size, (batch, tokens), dtype=np.int64)}
-    for spec in graph_io(config, kind).inputs[1:]:
+    io = graph_io(config, kind)
+    feeds = token_feeds(io, rng.integers(0, config.vocab_size, (batch, tokens), dtype=np.int64))
+    for spec in io.inputs:
         shape = tuple(batch if isinstance(d, str) else d for d in spec.shape)
+        if spec.name in feeds:
+            continue
         if spec.name == "position":
             feeds[spec.name] = rng.integers(0, 20, shape, dtype=np.int64)
         else:

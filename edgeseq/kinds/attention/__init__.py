@@ -126,11 +126,12 @@ class Attention(LayerKind):
 
         return AttentionMixer(config, size, config.layers[i].option("window"))
 
-    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, rank):
+    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, mask, rank):
         from edgeseq.kinds.attention.graph import attention
 
         window = config.layers[i].option("window")
-        return attention(g, config, size, self.ring(config, i), window, weights, prefix, x, past, position, rank)
+        return attention(g, config, size, self.ring(config, i), window, weights, prefix, x, past, position, mask,
+                         rank)  # fmt: skip
 
     # ---- sizing ----------------------------------------------------------------------
     def param_shapes(self, config, i: int, size: int) -> dict[str, tuple[int, ...]]:

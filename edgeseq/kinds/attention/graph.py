@@ -52,13 +52,14 @@ def ring_positions(g, position: str, ring: int) -> tuple[str, str]:
 
 
 def attention(g, config, heads: int, ring: int, window: int | None, w, p: str, x: str, past, position: str,
-              rank: int):
-    """x [b,(t,)d] normed -> out, {"key": present, "value": present}.
+              mask: str | None, rank: int):
+    """x [b,(t,)d] normed -> out, {"key": present, "value": present}; mask [b, t] (prefill).
 
         x -> q, k, v projections -> RoPE(q, k) at absolute positions
         step:    write k, v into slot position % W, attend over the ring (valid, in window)
         prefill: attend over [ring | new tokens] with a causal+window mask from absolute
-                 positions, then scatter the newest min(t, W) tokens into their slots
+                 positions (pads: no keys), then scatter the newest min(t, W) tokens into
+                 their slots (a pad writes back what its slot holds)
     """
     a = config.attention
     H, Dh, r = heads, a.head_dim, a.q_per_kv
@@ -76,7 +77,7 @@ def attention(g, config, heads: int, ring: int, window: int | None, w, p: str, x
         o, key, value = _step(g, q, k, v, past, position, H, KV, Dh, r, W, window, a.rope_theta, rot)
         o = g.op("Reshape", o, g.ints(0, H * Dh))
     else:
-        o, key, value = _prefill(g, q, k, v, past, position, H, KV, Dh, r, W, window, a.rope_theta, rot)
+        o, key, value = _prefill(g, q, k, v, past, position, mask, H, KV, Dh, r, W, window, a.rope_theta, rot)
         o = g.op("Reshape", o, g.ints(0, 0, H * Dh))
     wo = g.weight(f"{p}o_proj.weight.t", np.ascontiguousarray(w["o_proj.weight"].T))
     bo = g.weight(f"{p}o_proj.bias", w["o_proj.bias"]) if "o_proj.bias" in w else None
@@ -108,15 +109,19 @@ def _step(g, q, k, v, past, position, H, KV, Dh, r, W, window, theta, rot):
     return g.op("Squeeze", o, g.ints(2)), key, value
 
 
-def _prefill(g, q, k, v, past, position, H, KV, Dh, r, W, window, theta, rot):
-    """q [b,t,h,d], k/v [b,t,kv,d] -> o [b,t,h,d], caches [b,kv,w,d]."""
+def _prefill(g, q, k, v, past, position, mask, H, KV, Dh, r, W, window, theta, rot):
+    """q [b,t,h,d], k/v [b,t,kv,d], mask [b,t] -> o [b,t,h,d], caches [b,kv,w,d].
+
+    A token's position counts the real tokens before it (position + CumSum(mask) - 1); a
+    pad is no key, sees only itself (a finite, don't-care output) and writes no slot."""
     t = g.op("Shape", q, start=1, end=2)
-    steps = g.op("Range", g.const(0, "int64"), g.op("Squeeze", t, g.ints(0)), g.const(1, "int64"))
-    new_pos = g.op("Add", g.op("Unsqueeze", position, g.ints(1)), steps)  # [b, t]
+    before = g.op("Sub", g.op("CumSum", mask, g.const(1, "int64")), g.const(1, "int64"))  # real tokens before
+    new_pos = g.op("Add", g.op("Unsqueeze", position, g.ints(1)), before)  # [b, t]
+    real = g.op("Cast", mask, to=9)  # bool [b, t]
     q, k = rope(g, q, new_pos, theta, rot, Dh), rope(g, k, new_pos, theta, rot, Dh)
     cached_pos, cached_valid = ring_positions(g, position, W)
     key_pos = g.op("Concat", cached_pos, new_pos, axis=1)  # [b, w+t]
-    key_valid = g.op("Concat", cached_valid, g.op("GreaterOrEqual", new_pos, g.const(0, "int64")), axis=1)
+    key_valid = g.op("Concat", cached_valid, real, axis=1)
     k_t, v_t = g.op("Transpose", k, perm=[0, 2, 1, 3]), g.op("Transpose", v, perm=[0, 2, 1, 3])  # [b, kv, t, d]
     keys = g.op("Concat", past["key"], k_t, axis=2)
     values = g.op("Concat", past["value"], v_t, axis=2)
@@ -124,14 +129,26 @@ def _prefill(g, q, k, v, past, position, H, KV, Dh, r, W, window, theta, rot):
     visible = g.op("And", g.op("Unsqueeze", key_valid, g.ints(1)), g.op("GreaterOrEqual", age, g.const(0, "int64")))
     if window is not None:
         visible = g.op("And", visible, g.op("Less", age, g.const(window, "int64")))
+    visible = g.op("Or", visible, _self_keys(g, t, W))
     o = _softmax_attend(g, g.op("Transpose", q, perm=[0, 2, 1, 3]), kv_to_heads(g, keys, r, H, Dh),
                         kv_to_heads(g, values, r, H, Dh), g.op("Unsqueeze", visible, g.ints(1)), Dh)
-    # newest min(t, W) tokens into their slots
+    # newest min(t, W) tokens into their slots; a pad writes back what its slot holds
     keep = g.op("Min", t, g.ints(W))
     first = g.op("Sub", t, keep)
     slots = g.op("Mod", g.op("Slice", new_pos, first, t, g.ints(1)), g.const(W, "int64"))  # [b, keep]
     k_new, v_new = (g.op("Slice", u, first, t, g.ints(2)) for u in (k_t, v_t))
     index = g.op("Expand", g.op("Unsqueeze", slots, g.ints(1, 3)), g.op("Shape", k_new))
+    writes = g.op("Unsqueeze", g.op("Slice", real, first, t, g.ints(1)), g.ints(1, 3))  # [b, 1, keep, 1]
+    k_new, v_new = (g.op("Where", writes, new, g.op("GatherElements", past[name], index, axis=2))
+                    for new, name in ((k_new, "key"), (v_new, "value")))  # fmt: skip
     key = g.op("ScatterElements", past["key"], index, k_new, axis=2)
     value = g.op("ScatterElements", past["value"], index, v_new, axis=2)
     return g.op("Transpose", o, perm=[0, 2, 1, 3]), key, value
+
+
+def _self_keys(g, t: str, W: int) -> str:
+    """[t, w+t] bool: query i and key w+i, the token itself (a pad's one visible key)."""
+    n = g.op("Squeeze", g.op("Add", t, g.ints(W)), g.ints(0))
+    cols = g.op("Range", g.const(0, "int64"), n, g.const(1, "int64"))
+    rows = g.op("Slice", cols, g.ints(W), g.ints(INT_MAX), g.ints(0))
+    return g.op("Equal", g.op("Unsqueeze", rows, g.ints(1)), g.op("Unsqueeze", cols, g.ints(0)))

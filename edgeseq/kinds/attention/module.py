@@ -4,11 +4,10 @@ the parameters at the width it runs (``p``)."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgeseq.reference import attention_prefill_ref, attention_step_ref, rope_ref
+from edgeseq.reference import attention_prefill_ref, attention_step_ref, rope_ref, token_positions
 
 State = dict[str, Tensor]  # "key", "value" (b, kv_heads, W, head_dim)
 
@@ -34,13 +33,14 @@ class AttentionMixer(nn.Module):
         )
         return rope_ref(q, positions, self.theta, self.rot_dim), rope_ref(k, positions, self.theta, self.rot_dim), v
 
-    def forward(self, p: dict[str, Tensor], u: Tensor, state: State, position: Tensor, kept: int):
-        """u (b, l, d) -> (b, l, d), new state; a prompt attends to the cache and itself."""
-        l = u.size(1)
-        q, k, v = self._qkv(p, u, position[:, None] + torch.arange(l, device=u.device))
+    def forward(self, p: dict[str, Tensor], u: Tensor, state: State, position: Tensor, kept: int,
+                mask: Tensor | None = None):  # fmt: skip
+        """u (b, l, d) -> (b, l, d), new state; a prompt attends to the cache and itself.
+        mask (b, l) or None: 0 marks a left pad, never seen nor cached."""
+        q, k, v = self._qkv(p, u, token_positions(position, u.size(1), mask))
         sd = state["key"].dtype
         o, key, value = attention_prefill_ref(
-            q.to(sd), k.to(sd), v.to(sd), state["key"], state["value"], position, self.window
+            q.to(sd), k.to(sd), v.to(sd), state["key"], state["value"], position, self.window, mask
         )
         out = F.linear(o.flatten(-2).to(u.dtype), p["o_proj.weight"], p.get("o_proj.bias"))
         return out, {"key": key, "value": value}

@@ -128,10 +128,10 @@ class Mamba2(LayerKind):
         if config.mamba.d_conv < 2:
             raise ConfigError("export needs mamba.d_conv >= 2 (a conv state of at least one token)")
 
-    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, rank):
+    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, mask, rank):
         from edgeseq.kinds.mamba2.graph import mamba2
 
-        return mamba2(g, flavor, config, size, weights, prefix, x, past, rank)
+        return mamba2(g, flavor, config, size, weights, prefix, x, past, mask, rank)
 
     # ---- sizing ----------------------------------------------------------------------
     def param_shapes(self, config, i: int, size: int) -> dict[str, tuple[int, ...]]:

@@ -16,6 +16,10 @@ the same basic-op graph:
   step's conv, dt and SSM as one ``EdgeseqSSDStep``; the prefill scan as
   ``EdgeseqSSDChunkState`` then ``EdgeseqSSDChunkScan``, the prefill conv in basic ops.
 
+A prefill's left pads (``attention_mask`` 0) are dealt with before the core, so every
+flavor inherits it: the conv input is reordered (``pads_first``) and a pad's dt is zeroed
+(no decay, no input), which leaves both states as they were.
+
 ``g`` is an ``edgeseq.export.builder.GraphBuilder``; ``flavor`` an
 ``edgeseq.export.flavors.Flavor``.
 """
@@ -66,8 +70,10 @@ def gated_norm(g, y: str, z: str, weight: str, groups: int, width: int, eps: flo
     return g.op("Mul", g.op("Reshape", normed, g.ints(*lead(rank), width)), weight)
 
 
-def mamba2(g, flavor, config, heads: int, w: dict[str, np.ndarray], p: str, x: str, past: dict[str, str], rank: int):
-    """x [b,(t,)d] normed -> out [b,(t,)d], {"conv": present, "ssm": present} (diagram above)."""
+def mamba2(g, flavor, config, heads: int, w: dict[str, np.ndarray], p: str, x: str, past: dict[str, str],
+           mask: str | None, rank: int):  # fmt: skip
+    """x [b,(t,)d] normed -> out [b,(t,)d], {"conv": present, "ssm": present} (diagram above);
+    mask [b, t] int64 (prefill) or None (step)."""
     m = config.mamba
     H, P, N, G = heads, m.headdim, m.d_state, m.ngroups
     di, gn = H * P, G * N
@@ -84,7 +90,7 @@ def mamba2(g, flavor, config, heads: int, w: dict[str, np.ndarray], p: str, x: s
     if flavor.name not in CORES:
         raise ConfigError(f"the mamba2 layer has no {flavor.name!r} graph piece; use one of {sorted(CORES)}")
     core = CORES[flavor.name]
-    y, present = core.mixer_core(g, flavor, SSMDims(H, G, P, N, m.chunk_size), weights, xBC, dt, past, rank)
+    y, present = core.mixer_core(g, flavor, SSMDims(H, G, P, N, m.chunk_size), weights, xBC, dt, past, mask, rank)
     y = g.op("Reshape", y, g.ints(*lead(rank), di))
     if m.rmsnorm:
         y = gated_norm(g, y, z, g.vector(w, p, "norm.weight"), G, di, config.norm_eps, rank)
@@ -94,22 +100,54 @@ def mamba2(g, flavor, config, heads: int, w: dict[str, np.ndarray], p: str, x: s
     return out, present
 
 
+def pads_first(g, x: str, past: str, mask: str, k: int) -> tuple[str, str]:
+    """x [b,t,c], past [b,c,k-1], mask [b,t] -> (x', past'): each row's left pads moved
+    ahead of its conv state, so that a token's window is [state | earlier tokens] and the
+    last k-1 columns of [past' | x'] are the state a pad leaves untouched
+    (``edgeseq.reference.pads_first``).
+
+        u = Concat(past, x^T) [b, c, s+t]              s = k-1, p = t - ReduceSum(mask) pads
+        src[i] = i >= s+p ? i : (i + s) mod (s+p)      [b, s+t]
+        u' = GatherElements(u, src) -> past' = u'[:, :, :s], x' = u'[:, :, s:]^T
+    """
+    s = k - 1
+    u = g.op("Concat", past, g.op("Transpose", x, perm=[0, 2, 1]), axis=-1)
+    t = g.op("Shape", mask, start=1, end=2)
+    pads = g.op("Sub", t, g.op("ReduceSum", mask, g.ints(1), keepdims=1))  # [b, 1]
+    lead_cols = g.op("Add", pads, g.const(s, "int64"))
+    n = g.op("Squeeze", g.op("Shape", u, start=2, end=3), g.ints(0))
+    i = g.op("Unsqueeze", g.op("Range", g.const(0, "int64"), n, g.const(1, "int64")), g.ints(0))  # [1, s+t]
+    rotated = g.op("Mod", g.op("Add", i, g.const(s, "int64")), lead_cols)
+    src = g.op("Where", g.op("GreaterOrEqual", i, lead_cols), i, rotated)  # [b, s+t]
+    u = g.op("GatherElements", u, g.op("Expand", g.op("Unsqueeze", src, g.ints(1)), g.op("Shape", u)), axis=2)
+    past = g.op("Slice", u, g.ints(0), g.ints(s), g.ints(2))
+    x = g.op("Transpose", g.op("Slice", u, g.ints(s), g.ints(np.iinfo(np.int64).max), g.ints(2)), perm=[0, 2, 1])
+    return x, past
+
+
 class Portable:
-    def mixer_core(self, g, flavor, d: SSMDims, w: CoreWeights, xBC, dt, past: dict[str, str], rank: int):
+    def mixer_core(self, g, flavor, d: SSMDims, w: CoreWeights, xBC, dt, past: dict[str, str], mask: str | None,
+                   rank: int):  # fmt: skip
         """xBC [b,(t,)k] and dt [b,(t,)h] from in_proj -> y [b,(t,)h,p], {"conv", "ssm"} present.
 
-            xBC -> causal conv + SiLU -> x | B | C;  dt -> softplus(dt + dt_bias) -> clamp
+            xBC (-> pads_first) -> causal conv + SiLU -> x | B | C
+            dt -> softplus(dt + dt_bias) -> clamp (-> * mask: a pad neither decays nor adds)
             SSM core: x, dt, A, B, C, D, past ssm -> y
         """
         lead_dims = lead(rank)
         conv = self.conv_step if rank == 2 else self.conv_prefill
-        xBC, conv_state = conv(g, xBC, past["conv"], w.conv_weight, w.conv_bias)
+        conv_past = past["conv"]
+        if mask is not None:
+            xBC, conv_past = pads_first(g, xBC, conv_past, mask, w.conv_weight.shape[1])
+        xBC, conv_state = conv(g, xBC, conv_past, w.conv_weight, w.conv_bias)
         di, gn = d.heads * d.headdim, d.groups * d.d_state
         xs, Bs, Cs = g.split(xBC, [di, gn, gn])
         dt = g.op("Softplus", g.op("Add", dt, w.dt_bias))
         lo, hi = w.dt_limit
         if lo > 0 or math.isfinite(hi):
             dt = g.op("Clip", dt, g.const(lo), g.const(hi if math.isfinite(hi) else np.finfo(np.float32).max))
+        if mask is not None:
+            dt = g.op("Mul", dt, g.op("Unsqueeze", g.op("Cast", mask, to=1), g.ints(-1)))
         core = self.ssm_step if rank == 2 else self.ssm_prefill
         y, ssm_state = core(
             g, flavor, d, g.reshape(xs, *lead_dims, d.heads, d.headdim), dt, w.A,
@@ -184,10 +222,11 @@ class TensorRT(Portable):
         return g.op(op, *inputs, outputs=outputs, domain=flavor.plugin_domain, output_dtype="float32",
                     **flavor.plugin_attrs, **sizes, **attrs)  # fmt: skip
 
-    def mixer_core(self, g, flavor, d: SSMDims, w: CoreWeights, xBC, dt, past: dict[str, str], rank: int):
+    def mixer_core(self, g, flavor, d: SSMDims, w: CoreWeights, xBC, dt, past: dict[str, str], mask: str | None,
+                   rank: int):  # fmt: skip
         """The step: conv, dt, state update and output in one EdgeseqSSDStep node."""
         if rank != 2:
-            return super().mixer_core(g, flavor, d, w, xBC, dt, past, rank)
+            return super().mixer_core(g, flavor, d, w, xBC, dt, past, mask, rank)
         bias = w.conv_bias if w.conv_bias is not None else np.zeros(w.conv_weight.shape[0], np.float32)
         lo, hi = w.dt_limit
         y, conv_state, ssm_state = self._plugin(

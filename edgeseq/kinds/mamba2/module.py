@@ -81,13 +81,19 @@ class Mamba2Mixer(nn.Module):
             y = gate_ref(y, z)
         return F.linear(y.to(out_dtype), p["out_proj.weight"], p.get("out_proj.bias"))
 
-    def forward(self, p: dict[str, Tensor], u: Tensor, state: State, position: Tensor, kept: int):
-        """u (b, l, d) -> (b, l, d), new state; a whole prompt through the chunked scan."""
+    def forward(self, p: dict[str, Tensor], u: Tensor, state: State, position: Tensor, kept: int,
+                mask: Tensor | None = None):  # fmt: skip
+        """u (b, l, d) -> (b, l, d), new state; a whole prompt through the chunked scan.
+        mask (b, l) or None: 0 marks a left pad, which leaves the conv and SSM state as they
+        were (the conv skips it, its dt is 0) and whose output is meaningless."""
         b, l, _ = u.shape
         z, xBC, dt = self._project(p, u, kept)
         sd = state["ssm"].dtype
-        xBC, conv = causal_conv1d_ref(xBC.to(sd), p["conv1d.weight"][:, 0], p.get("conv1d.bias"), state["conv"])
+        xBC, conv = causal_conv1d_ref(xBC.to(sd), p["conv1d.weight"][:, 0], p.get("conv1d.bias"), state["conv"],
+                                      mask=mask)  # fmt: skip
         x, B, C, dt, A = self._ssm_inputs(p, xBC, dt.to(sd), kept)
+        if mask is not None:
+            dt = dt * mask[..., None].to(dt.dtype)  # a pad: no decay, no input
         io = u.dtype if self.kernels and u.dtype in (torch.bfloat16, torch.float16) else sd  # the scan's X, B, C
         scan = torch.ops.edgeseq.ssd_scan if self.kernels else ssd_scan_ref
         y, ssm = scan(

@@ -51,7 +51,7 @@ class GatedMLP(LayerKind):
 
         return GatedMLPModule(config.d_model, size, self.activation)
 
-    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, rank):
+    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, mask, rank):
         """down(act(gate(x)) * up(x))."""
         gate = g.linear(x, g.matrix(weights, prefix, "gate_proj"))
         hidden = g.op("Mul", self.graph_activation(g, gate), g.linear(x, g.matrix(weights, prefix, "up_proj")))

@@ -17,8 +17,9 @@ class GatedMLPModule(nn.Module):
         self.up_proj = nn.Linear(d_model, d_mlp, bias=False)
         self.down_proj = nn.Linear(d_mlp, d_model, bias=False)
 
-    def forward(self, p: dict[str, Tensor], x: Tensor, state: dict, position: Tensor, kept: int):
-        """x (b, [l,] d) -> (b, [l,] d); no state."""
+    def forward(self, p: dict[str, Tensor], x: Tensor, state: dict, position: Tensor, kept: int,
+                mask: Tensor | None = None):  # fmt: skip
+        """x (b, [l,] d) -> (b, [l,] d); no state. Per token: a pad (mask 0) changes nothing."""
         return gated_mlp_ref(x, p["gate_proj.weight"], p["up_proj.weight"], p["down_proj.weight"], self.activation), state
 
     step = forward

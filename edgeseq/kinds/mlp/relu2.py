@@ -52,7 +52,7 @@ class Relu2MLP(LayerKind):
 
         return Relu2MLPModule(config.d_model, size)
 
-    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, rank):
+    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, mask, rank):
         """x -> MatMul(up) -> Relu -> Mul(itself) -> MatMul(down); the same in every flavor."""
         hidden = g.op("Relu", g.linear(x, g.matrix(weights, prefix, "up_proj")))
         return g.linear(g.op("Mul", hidden, hidden), g.matrix(weights, prefix, "down_proj")), {}

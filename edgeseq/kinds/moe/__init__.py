@@ -90,7 +90,7 @@ class MoE(LayerKind):
 
         return MoEModule(config.d_model, size, config.moe, self.activation)
 
-    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, rank):
+    def graph(self, g, flavor, config, i, size, weights, prefix, x, past, position, mask, rank):
         from edgeseq.kinds.moe.graph import moe
 
         return moe(g, config.moe, weights, prefix, x, rank), {}

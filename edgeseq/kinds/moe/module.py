@@ -32,8 +32,9 @@ class MoEModule(nn.Module):
         self.router = nn.Linear(d_model, params.n_experts, bias=False)
         self.experts = Experts(d_model, params.n_experts, params.d_expert)
 
-    def forward(self, p: dict[str, Tensor], x: Tensor, state: dict, position: Tensor, kept: int):
-        """x (b, [l,] d) -> (b, [l,] d); no state."""
+    def forward(self, p: dict[str, Tensor], x: Tensor, state: dict, position: Tensor, kept: int,
+                mask: Tensor | None = None):  # fmt: skip
+        """x (b, [l,] d) -> (b, [l,] d); no state. Per token: a pad (mask 0) changes nothing."""
         shared = (p["gate_proj.weight"], p["up_proj.weight"], p["down_proj.weight"])
         y = moe_ref(x, p["router.weight"], p["experts.gate_proj"], p["experts.up_proj"], p["experts.down_proj"],
                     self.top_k, shared, self.activation)  # fmt: skip
