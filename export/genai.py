@@ -99,6 +99,8 @@ def decoder_graph(step: onnx.ModelProto, prefill: onnx.ModelProto) -> onnx.Model
     if "attention_mask" in g_inputs:
         nodes += _pads_first()
         prefill_outer |= {"input_ids": "dec.ids_left", "attention_mask": "dec.mask_left"}
+        if any(i.name == "attention_mask" for i in step.graph.input):  # a step graph that takes one too
+            outer["attention_mask"] = "dec.chunk_mask"
     lifted = _Lifted()
     out_names = ["logits", *(p.name for p in presents)]
     branches = {
