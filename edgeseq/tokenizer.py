@@ -134,11 +134,12 @@ class ByteTokenizer(Tokenizer):
 
     pad_id = EOS + 1  # never produced: what a padded batch may fill with
 
-    def write_files(self, directory: Path, vocab_size: int) -> list[str]:
+    def write_files(self, directory: Path) -> list[str]:
         """A byte-level ``tokenizer.json`` (and ``tokenizer_config.json``) of these ids for
         runtimes that read only tokenizer files (onnxruntime-genai): ids 0-255 the bytes,
-        then ``<bos>``, ``<eos>``, ``<pad>`` and placeholders up to ``vocab_size``. Built
-        with the tokenizers library; returns the file names written."""
+        then ``<bos>``, ``<eos>``, ``<pad>``; a model's ids past those are not text (as
+        ``decode`` drops them). Built with the tokenizers library; returns the file names
+        written."""
         from tokenizers import Tokenizer as RustTokenizer
         from tokenizers import decoders, models, pre_tokenizers, processors
 
@@ -146,8 +147,7 @@ class ByteTokenizer(Tokenizer):
         tk = RustTokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tk.decoder = decoders.ByteLevel()
-        specials = ["<bos>", "<eos>", "<pad>"] + [f"<unused{i}>" for i in range(vocab_size - 259)]
-        tk.add_special_tokens(specials)
+        tk.add_special_tokens(["<bos>", "<eos>", "<pad>"])  # ids 256, 257, 258
         tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
         tk.save(str(directory / TOKENIZER_FILE))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",

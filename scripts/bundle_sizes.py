@@ -12,7 +12,7 @@ no validation, which does not change a byte) and reports:
     bundle    every file of the bundle now (graphs of both flavors, the onnxruntime-genai
               decoder, weights.data, manifest, tokenizer, README)
 
-    python scripts/bundle_sizes.py [--skip-130m] [--out scripts/results/bundle_sizes.json]
+    python scripts/bundle_sizes.py [--skip-130m | --only-130m] [--out scripts/results/bundle_sizes.json]
 """
 
 from __future__ import annotations
@@ -80,12 +80,15 @@ def measure(name: str, model_arg: str, width: str, precision: str, root: Path) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-130m", action="store_true")
+    ap.add_argument("--only-130m", action="store_true", help="measure the 130M rows and keep the others from --out")
     ap.add_argument("--out", type=Path, default=Path("scripts/results/bundle_sizes.json"))
     args = ap.parse_args()
     rows = []
+    if args.only_130m:
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if "130m" not in r["model"]]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for name in ("mamba2-tiny", "hybrid-tiny"):
+        for name in () if args.only_130m else ("mamba2-tiny", "hybrid-tiny"):
             for width in ("1", "1/2", "1/4"):
                 for precision in ("fp32", "fp16", "int8", "int4"):
                     rows.append(measure(name, name, width, precision, root))

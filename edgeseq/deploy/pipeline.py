@@ -263,7 +263,7 @@ def write_genai_config(tmp: Path, config, manifest: dict) -> None:
     """genai_config.json, and a byte-level tokenizer.json where the model's ids are bytes."""
     tokenizer = manifest.get("tokenizer")
     if tokenizer is not None and not tokenizer["files"]:
-        manifest["genai"]["tokenizer_files"] = ByteTokenizer().write_files(tmp, config.vocab_size)
+        manifest["genai"]["tokenizer_files"] = ByteTokenizer().write_files(tmp)
     if tokenizer is None:  # ids that are not bytes and no tokenizer: any id may be real; og masks only batches
         pad = 0
     else:

@@ -266,3 +266,16 @@ def test_eval_refuses_a_model_that_is_not_bytes_without_a_tokenizer(tmp_path):
     save_checkpoint(random_model(small_config("M", vocab_size=64), dtype=torch.float32), path)
     result = CliRunner().invoke(main, ["eval", str(path), "--tokens", "100", "--segments", "2"])
     assert result.exit_code == 2 and "no tokenizer.json" in result.output, result.output
+
+
+def test_byte_tokenizer_json_spells_the_byte_ids(tmp_path):
+    """The byte-level tokenizer.json written for onnxruntime-genai reads text exactly as
+    ByteTokenizer does: the UTF-8 bytes, BOS first, specials at 256-258."""
+    from edgeseq.tokenizer import ByteTokenizer, HFTokenizer
+
+    assert ByteTokenizer().write_files(tmp_path) == ["tokenizer.json", "tokenizer_config.json"]
+    hf, ours = HFTokenizer(tmp_path), ByteTokenizer()
+    rng = np.random.default_rng()
+    text = "".join(chr(c) for c in rng.integers(1, 0x2FFF, 200))
+    assert hf.prompt_ids(text) == ours.prompt_ids(text) and hf.decode(ours.prompt_ids(text)) == text
+    assert (hf.bos_id, sorted(hf.eos_ids), hf.pad_id) == (256, [257], ours.pad_id)
