@@ -13,19 +13,19 @@ from __future__ import annotations
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # most faithful first; the state stays fp32 at every one
 
 # ONNX graph flavors (``export.flavors``); a bundle carries one or more.
-FLAVORS = ("portable", "opset27", "tensorrt")
+FLAVORS = ("portable", "opset27", "tensorrt", "contrib")
 # Which runtime runs which flavor is a table beside the runners: ``edgeseq.deploy.runtimes``.
 
-# int8 settings per instruction set, after the presets optimum ships for onnxruntime
-# (arm64, avx2, avx512, avx512_vnni): int8 symmetric per-channel weights everywhere; on
-# AVX2 without VNNI the u8 x s8 product can saturate its 16-bit accumulator, so weights
-# keep 7 bits (reduce_range).
+# int8 per instruction set. On onnxruntime every ISA preset makes the same graphs:
+# MatMulNBits with 8-bit weight blocks and int8 activations (``edgeseq.export.quantize``),
+# whose kernels onnxruntime picks for the CPU it runs on (VNNI, AVX-512, AVX2, ARM dot
+# product); the name records what the target has. TensorRT reads weight-only Q/DQ instead.
 INT8_PRESETS = {
-    "arm64": {"per_channel": True, "reduce_range": False},
-    "avx2": {"per_channel": True, "reduce_range": True},
-    "avx512": {"per_channel": True, "reduce_range": False},
-    "avx512_vnni": {"per_channel": True, "reduce_range": False},
-    "qdq-weight-only": {},  # TensorRT: DequantizeLinear(int8 weight) -> MatMul
+    "arm64": {"form": "MatMulNBits"},
+    "avx2": {"form": "MatMulNBits"},
+    "avx512": {"form": "MatMulNBits"},
+    "avx512_vnni": {"form": "MatMulNBits"},
+    "qdq-weight-only": {"form": "QDQ"},  # TensorRT: DequantizeLinear(int8 weight) -> MatMul
 }
 
 # Checkpoint families (``edgeseq.families``), by their registered names.

@@ -8,14 +8,15 @@ parameter shapes and says which are MatMul matrices (``LayerKind.param_shapes``,
 Bytes are those an exported graph stores (``export.quantize`` says what each precision
 does to which tensor):
 
-    matrices (projections, MLP, head)   fp32 4 B, fp16 2 B, int8 1 B + a 4 B scale and a
-                                        1 B zero point per output channel, int4 0.5 B + a
-                                        4 B scale per block of ``INT4_BLOCK`` weights
-    embedding table (a Gather)          fp32 4 B, fp16 2 B, int8 4 B (onnxruntime's dynamic
-                                        quantizer leaves Gather alone), int4 as matrices
+    matrices (projections, MLP, head)   fp32 4 B, fp16 2 B, int8 1 B + a 4 B scale per
+                                        block of ``INT8_BLOCK`` weights, int4 0.5 B + a 4 B
+                                        scale per block of ``INT4_BLOCK`` weights
+    embedding table (a Gather)          as matrices; at int8 and int4 a tied table is the
+                                        head's blocks (``export.quantize_nbits``), nothing more
     everything else                     fp32 (conv kernels, A, D, dt bias, norms, biases)
 
-A tied head is stored once more, transposed, as the head matrix.
+At fp32 and fp16 a tied head is counted once more, transposed, as the head matrix (what a
+graph built without ``tied_once`` stores).
 
 ``Footprint.layer_matrices`` keeps the (in, out) shape of every layer's projection, which
 is what a prefill's working memory scales with (``targets.plan.peak_memory``).
@@ -35,6 +36,7 @@ from edgeseq.shapes import layer_state_shapes
 from edgeseq.width import LayerWidth, WidthSpec, resolve
 
 INT4_BLOCK = 32
+INT8_BLOCK = 128  # ``QuantOptions.int8_block_size``
 POSITION_BYTES = 8  # the int64 token counter every stream carries
 STATE_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -50,6 +52,7 @@ class Footprint:
     other: int  # 1-D and conv parameters, always fp32
     d_model: int
     layer_matrices: tuple[tuple[tuple[int, int], ...], ...] = ()  # per layer, each projection's (in, out)
+    tied: bool = False  # the embedding is the head's table
 
     @property
     def layer_columns(self) -> int:
@@ -63,31 +66,26 @@ class Footprint:
 
     def weight_bytes(self, precision: str) -> int:
         """Bytes of the weights one graph stores."""
-        return (
-            _matrix_bytes(self.matrix, self.matrix_columns, precision)
-            + _table_bytes(self.embedding, precision)
-            + 4 * self.other
-        )
+        return _table_bytes(self.matrix, precision) + self._embedding_bytes(precision) + 4 * self.other
+
+    def _embedding_bytes(self, precision: str) -> int:
+        return 0 if self.tied and precision in ("int8", "int4") else _table_bytes(self.embedding, precision)
 
     def bytes_read_per_token(self, precision: str) -> int:
         """Weights a decode step reads: all but the embedding table, of which one row."""
         return (
             self.weight_bytes(precision)
-            - _table_bytes(self.embedding, precision)
+            - self._embedding_bytes(precision)
             + _table_bytes(self.d_model, precision)
         )
-
-
-def _matrix_bytes(count: int, columns: int, precision: str) -> int:
-    if precision == "int8":
-        return count + 5 * columns  # int8 weights + a 4 B scale and a 1 B zero point per output channel
-    return _table_bytes(count, precision)
 
 
 def _table_bytes(count: int, precision: str) -> int:
     if precision == "int4":
         return math.ceil(count / 2) + 4 * math.ceil(count / INT4_BLOCK)
-    rate = {"fp32": 4, "fp16": 2, "int8": 4}.get(precision)  # int8 leaves the Gather table fp32
+    if precision == "int8":
+        return count + 4 * math.ceil(count / INT8_BLOCK)
+    rate = {"fp32": 4, "fp16": 2}.get(precision)
     if rate is None:
         raise EdgeseqError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     return rate * count
@@ -117,7 +115,7 @@ def footprint(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> Footprint:
                 else:
                     other += n
         layers.append(tuple(shapes))
-    return Footprint(params, matrix, columns, embedding, other, d, tuple(layers))
+    return Footprint(params, matrix, columns, embedding, other, d, tuple(layers), config.tie_embeddings)
 
 
 def state_bytes(config: ModelConfig, widths: tuple[LayerWidth, ...], dtype: Any = "float32") -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeseq.export.spec import TensorSpec
+from edgeseq.export.spec import IN_PLACE_KEY, TensorSpec
 
 DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64, "bool": TensorProto.BOOL}
 
@@ -32,6 +32,7 @@ class GraphBuilder:
         self.value_info: list[onnx.ValueInfoProto] = []  # types of custom ops' outputs (no inference for them)
         self._counts: Counter[str] = Counter()
         self._consts: dict[tuple, str] = {}
+        self.in_place: list[str] = []  # state inputs whose present a runner may write over them (``IN_PLACE_KEY``)
 
     # ---- names -------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -87,6 +88,8 @@ class GraphBuilder:
         opsets = [helper.make_opsetid(d, v) for d, v in sorted(self.domains.items())]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeseq", doc_string=doc)
         model.ir_version = min(model.ir_version, 10 if self.opset <= 21 else 11)
+        if self.in_place:
+            helper.set_model_props(model, {IN_PLACE_KEY: ",".join(self.in_place)})
         return model
 
     # ---- composite helpers shared by every layer kind --------------------------------
@@ -153,8 +156,11 @@ class GraphBuilder:
         return self.op("Reshape", rows, self.op("Concat", self.op("Shape", ids), self.ints(d_in), axis=0))
 
     def rmsnorm(self, x: str, weight: str, eps: float) -> str:
-        """x / sqrt(mean(x^2) + eps) * weight over the last axis (basic ops, any opset)."""
-        ms = self.op("ReduceMean", self.op("Mul", x, x), self.ints(-1), keepdims=1)
+        """x / sqrt(mean(x^2) + eps) * weight over the last axis (basic ops, any opset), in
+        the pattern onnxruntime fuses into SimplifiedLayerNormalization (and, with the
+        residual Add before it, SkipSimplifiedLayerNormalization): Pow(x, 2) -> ReduceMean
+        -> Add(eps) -> Sqrt -> Div(x, .) -> Mul(weight)."""
+        ms = self.op("ReduceMean", self.op("Pow", x, self.const(2.0)), self.ints(-1), keepdims=1)
         return self.op("Mul", self.op("Div", x, self.op("Sqrt", self.op("Add", ms, self.const(eps)))), weight)
 
     def split(self, x: str, sizes: Sequence[int], axis: int = -1) -> tuple[str, ...]:

@@ -9,6 +9,9 @@ branches on the backend.
   TensorRT's ONNX parser). Quantizing can raise it: int4 needs opset 21, the first with
   int4 tensors (both its forms, ``edgeseq.export.quantize``); fp16 and int8 keep 18.
 - ``opset27``: the standard ``CausalConvWithState`` and ``LinearAttention`` ops.
+- ``contrib``: onnxruntime's ``com.microsoft`` twins of those two ops, native kernels
+  where onnxruntime 1.32 runs the standard ones as their (slow) function bodies: the
+  fastest graphs on onnxruntime, and only there.
 - ``tensorrt``: TensorRT plugin nodes (op type = plugin name, ``plugin_namespace`` and
   ``plugin_version`` attributes, as TensorRT's ONNX parser expects), each one Triton
   kernel; contract and definitions in ``edgeseq.export.trt_plugins``.
@@ -45,6 +48,8 @@ FLAVORS = {
         Flavor("tensorrt", 18, {TRT_DOMAIN: 1}, TRT_DOMAIN,
                {"plugin_namespace": TRT_NAMESPACE, "plugin_version": TRT_VERSION},
                tuple((TRT_DOMAIN, name, 1) for name in TRT_PLUGINS)),
+        Flavor("contrib", 21, {"com.microsoft": 1},
+               ops=(("com.microsoft", "CausalConvWithState", 1), ("com.microsoft", "LinearAttention", 1))),
     )
 }  # fmt: skip
 assert tuple(FLAVORS) == tuple(FLAVOR_NAMES), "edgeseq.choices.FLAVORS and the flavors defined here differ"

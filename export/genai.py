@@ -46,7 +46,7 @@ STATE_NAMES = {  # genai_config keys -> our state tensor names (``edgeseq.export
                 "present_conv_names": "present.%d.conv", "present_recurrent_names": "present.%d.ssm"},
 }  # fmt: skip
 CONFIG_FILE = "genai_config.json"
-GENAI_FLAVORS = ("portable", "opset27")  # what onnxruntime-genai runs, the preferred first
+GENAI_FLAVORS = ("contrib", "portable", "opset27")  # what onnxruntime-genai runs, the preferred first
 UNBOUNDED = 1 << 20  # max_length told onnxruntime-genai for a model whose streams have no limit
 
 

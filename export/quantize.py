@@ -4,16 +4,18 @@
           recurrent path of every layer (conv, scan/step, attention over the cache, the
           gated norm) and every reduction stay fp32, and so do the graph's inputs and
           outputs: the state a stream carries is fp32 whatever the precision.
-    int8  onnxruntime.quantization.quantize_dynamic on the weight matrices (per-channel
-          symmetric int8 weights, activations quantized per call), with the per-ISA
-          presets of ``edgeseq.choices.INT8_PRESETS``; for TensorRT targets, weight-only
-          int8 through DequantizeLinear nodes (TensorRT's parser reads Q/DQ; its builder
-          picks the kernels).
+    int8  onnxruntime's MatMulNBitsQuantizer at 8 bits: symmetric blocks of 128 weights
+          along K, one fp32 scale each, activations quantized to int8 inside MatMulNBits
+          (accuracy level 4: the VNNI / dot-product kernels onnxruntime picks for the CPU
+          it runs on, whatever the ISA preset); the embedding table too, as
+          GatherBlockQuantized rows (``edgeseq.export.quantize_nbits``; a tied table is
+          the head's blocks, stored once). For TensorRT targets, weight-only int8 through
+          DequantizeLinear nodes (TensorRT's parser reads Q/DQ; its builder picks the kernels).
     int4  block-wise symmetric int4 weights (block size configurable), in one of two forms
           (``int4_form``), each at opset 21, the first with int4 tensors:
           MatMulNBits  onnxruntime's MatMulNBitsQuantizer and its ``com.microsoft`` contrib
-                       ops: MatMulNBits, the embedding table as GatherBlockQuantized
-                       (onnxruntime targets);
+                       ops: MatMulNBits, the embedding table as GatherBlockQuantized (a
+                       tied one read from the head's blocks; onnxruntime targets);
           QDQ          standard ops only, for runtimes without the contrib ops (TensorRT):
                        int4 weights behind a block-wise DequantizeLinear feeding a MatMul,
                        scale = max|W| / 7 per block as NVIDIA's ModelOpt makes it (the same
@@ -36,10 +38,8 @@ C·B and state products).
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -56,6 +56,7 @@ FP32_OPS = (
 )  # fmt: skip
 
 
+EMBEDDING = "embedding.weight"  # the token table's initializer (``edgeseq.export.graphs``)
 INT4_FORMS = ("MatMulNBits", "QDQ")  # in preference order: the contrib ops are faster in onnxruntime
 
 
@@ -68,7 +69,8 @@ class QuantOptions:
     precision: str = "fp32"
     int8_preset: str = "avx512_vnni"
     block_size: int = 32  # int4: weights per scale
-    accuracy_level: int | None = 4  # int4 on CPU: 4 = int8 activations in MatMulNBits (fastest)
+    int8_block_size: int = 128  # int8 (MatMulNBits): weights per scale
+    accuracy_level: int | None = 4  # MatMulNBits on CPU: 4 = int8 activations (fastest)
     int4_form: str = "MatMulNBits"  # one of INT4_FORMS: what the target's runtime parses
 
     def __post_init__(self):
@@ -91,17 +93,16 @@ class QuantOptions:
         if self.precision == "int8":
             if self.int8_preset == "qdq-weight-only":
                 return (("", "DequantizeLinear", 13),)  # per-axis scales: opset 13
-            return (("", "DynamicQuantizeLinear", 11), ("", "MatMulInteger", 10))
+            return (("com.microsoft", "MatMulNBits", 1), ("com.microsoft", "GatherBlockQuantized", 1))
         return ()
 
     def describe(self) -> dict:
         d = {"precision": self.precision}
-        if self.precision == "int8":
-            d |= {
-                "method": "weight-only Q/DQ" if self.int8_preset == "qdq-weight-only" else "onnxruntime dynamic",
-                "preset": self.int8_preset,
-                **INT8_PRESETS[self.int8_preset],
-            }
+        if self.precision == "int8" and self.int8_preset == "qdq-weight-only":
+            d |= {"method": "weight-only Q/DQ", "preset": self.int8_preset}
+        elif self.precision == "int8":
+            d |= {"method": "onnxruntime MatMulNBits (8 bits)", "preset": self.int8_preset,
+                  "block_size": self.int8_block_size, "accuracy_level": self.accuracy_level, "embedding": "int8"}  # fmt: skip
         if self.precision == "int4" and self.int4_form == "QDQ":
             d |= {
                 "method": "block-wise DequantizeLinear + MatMul (weight-only, scale max|W|/7)",
@@ -175,20 +176,22 @@ class _NoPreprocessHint(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
-def quantize_graph(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
-    """A quantized copy of an fp32 step or prefill graph; the I/O signature is unchanged."""
+def quantize_graph(model: onnx.ModelProto, options: QuantOptions, tied: bool = False) -> onnx.ModelProto:
+    """A quantized copy of an fp32 step or prefill graph (built without ``split_k`` or
+    ``tied_once``); the I/O signature is unchanged. ``tied``: the model ties its embedding
+    to the head, and the MatMulNBits forms read the embedding from the head's blocks."""
     if options.precision == "fp32":
         return model
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)  # its INFO lines per node
     hint = _NoPreprocessHint()
     logging.getLogger().addFilter(hint)
     try:
-        return _quantize(onnx.ModelProto.FromString(model.SerializeToString()), options)  # the tools work in place
+        return _quantize(onnx.ModelProto.FromString(model.SerializeToString()), options, tied)  # the tools work in place
     finally:
         logging.getLogger().removeFilter(hint)
 
 
-def _quantize(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
+def _quantize(model: onnx.ModelProto, options: QuantOptions, tied: bool) -> onnx.ModelProto:
     if options.precision == "fp16":
         return _fp16(model)
     from edgeseq.export.quantize_experts import quantize_expert_tables
@@ -196,10 +199,10 @@ def _quantize(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
     contrib = options.precision == "int4" and options.int4_form == "MatMulNBits"
     model = quantize_expert_tables(model, options.precision, options.block_size, contrib)
     if options.precision == "int4":
-        return _int4(model, options)
+        return _int4(model, options, tied)
     if options.int8_preset == "qdq-weight-only":
         return _int8_weight_only_qdq(model)
-    return _int8_dynamic(model, options)
+    return _nbits(model, options, 8, options.int8_block_size, tied)
 
 
 def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -212,41 +215,22 @@ def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return _drop_round_trips(converted)
 
 
-def _int8_dynamic(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    preset = INT8_PRESETS[options.int8_preset]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(
-            model, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=weight_matmuls(model),
-            weight_type=QuantType.QInt8, per_channel=preset["per_channel"], reduce_range=preset["reduce_range"],
-            extra_options={"MatMulConstBOnly": True},
-        )  # fmt: skip
-        return onnx.load(out)
+def _int4(model: onnx.ModelProto, options: QuantOptions, tied: bool) -> onnx.ModelProto:
+    return _int4_qdq(model, options) if options.int4_form == "QDQ" else _nbits(model, options, 4, options.block_size, tied)
 
 
-def _int4(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
-    return _int4_qdq(model, options) if options.int4_form == "QDQ" else _int4_matmulnbits(model, options)
+def _nbits(model: onnx.ModelProto, options: QuantOptions, bits: int, block_size: int, tied: bool) -> onnx.ModelProto:
+    """MatMulNBits at ``bits`` (int8 halves its block until it divides every matrix's K: a
+    padded block stores zeros)."""
+    from edgeseq.export.quantize_nbits import quantize_nbits
 
-
-def _int4_matmulnbits(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=options.block_size, is_symmetric=True, accuracy_level=options.accuracy_level,
-        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
-    )  # fmt: skip
-    included = weight_matmuls(model) + _embedding_gathers(model)
-    # the quantizer takes every MatMul and Gather it can unless excluded: routers, expert tables
-    excluded = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and n.name not in included]
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=options.block_size, is_symmetric=True, accuracy_level=options.accuracy_level,
-        nodes_to_include=included, nodes_to_exclude=excluded, algo_config=config,
-        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
-    )  # fmt: skip
-    quantizer.process()
-    return quantizer.model.model
+    matmuls = weight_matmuls(model)
+    if bits == 8:
+        inits = {t.name: t for t in model.graph.initializer}
+        ks = {inits[n.input[1]].dims[0] for n in model.graph.node if n.name in set(matmuls)}
+        while block_size > 16 and any(k % block_size for k in ks):
+            block_size //= 2
+    return quantize_nbits(model, bits, block_size, options.accuracy_level, matmuls, _embedding_gathers(model), tied)
 
 
 def _int4_qdq(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:
@@ -371,13 +355,8 @@ def _embedding_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _embedding_gathers(model: onnx.ModelProto) -> list[str]:
-    """Gathers from a 2-D table (expert tables, 3-D, are ``quantize_experts``')."""
-    inits = {t.name: t for t in model.graph.initializer}
-    return [
-        n.name
-        for n in model.graph.node
-        if n.op_type == "Gather" and len(getattr(inits.get(n.input[0]), "dims", ())) == 2
-    ]
+    """The lookups in the token embedding table (expert tables, 3-D, are ``quantize_experts``')."""
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] == EMBEDDING]
 
 
 def _int8_weight_only_qdq(model: onnx.ModelProto) -> onnx.ModelProto:

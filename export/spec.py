@@ -34,6 +34,12 @@ from edgeseq.width import full
 BATCH, SEQ = "batch", "sequence"
 INPUT_IDS, ATTENTION_MASK = "input_ids", "attention_mask"
 
+# Model metadata: the state inputs (comma-separated) whose present output a runner may write
+# into the input's own buffer. Only a graph piece whose single reader of that input is one
+# node that reads each element before it writes it says so (onnxruntime's LinearAttention
+# step); the runner then updates the stream's state in place (``runtimes.ort_runner``).
+IN_PLACE_KEY = "edgeseq.state_in_place"
+
 
 @dataclass(frozen=True)
 class TensorSpec:

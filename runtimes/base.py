@@ -108,6 +108,12 @@ class Runner:
     def io(self) -> GraphIO:
         raise NotImplementedError
 
+    @property
+    def in_place_state(self) -> frozenset[str]:
+        """State inputs whose present output ``infer(into=...)`` may write over the input
+        itself (the graph says which); none unless the backend honours it."""
+        return frozenset()
+
     # -- life cycle -------------------------------------------------------------------
 
     def activate(self) -> None:
@@ -122,14 +128,20 @@ class Runner:
             self._deactivate()
             self.is_active = False
 
-    def infer(self, feeds: Mapping[str, np.ndarray], check: bool = True) -> dict[str, np.ndarray]:
-        """feeds {input name: array} -> {output name: array}, every output of ``io``."""
+    def infer(self, feeds: Mapping[str, np.ndarray], check: bool = True,
+              into: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+        """feeds {input name: array} -> {output name: array}, every output of ``io``.
+        ``into`` {output name: array}: outputs written into these (writable, C-contiguous,
+        the output's shape and dtype; a feed only for a present of ``in_place_state``) and
+        returned as they are — a stream's state can then go back and forth between two
+        buffers, or stay in one, with no allocation per call (backends that cannot write
+        in place copy into them after the run)."""
         if not self.is_active:
             raise RunnerNotActiveError(f"runner {self.name!r} is not active; call activate() or use `with runner:`")
         if check:
             check_feeds(self.io, feeds)
         start = time.perf_counter()
-        outputs = self._infer(dict(feeds))
+        outputs = self._infer_into(dict(feeds), dict(into)) if into else self._infer(dict(feeds))
         self._last_inference_s = time.perf_counter() - start
         for watcher in self._watchers:
             watcher()
@@ -160,6 +172,13 @@ class Runner:
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def _infer_into(self, feeds: dict[str, np.ndarray], into: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``_infer`` with outputs copied into ``into``'s arrays; backends that write in place override it."""
+        outputs = self._infer(feeds)
+        for name, array in into.items():
+            np.copyto(array, outputs[name])
+        return outputs | into
 
     def _deactivate(self) -> None:
         raise NotImplementedError

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgeseq.errors import RuntimeUnavailableError
-from edgeseq.export.spec import GraphIO, TensorSpec
+from edgeseq.export.spec import IN_PLACE_KEY, GraphIO, TensorSpec
 from edgeseq.runtimes.base import (
     GraphIOError,
     InferenceError,
@@ -101,8 +101,14 @@ class OnnxRuntimeRunner(Runner):
         if dropped := [p for p in asked if p not in self.providers_used]:
             log.warning("%s: onnxruntime did not take %s; running on %s", self.name, dropped, self.providers_used)
         self._session_io = _session_io(self._session)
+        meta = self._session.get_modelmeta().custom_metadata_map.get(IN_PLACE_KEY, "")
+        self._in_place = frozenset(name for name in meta.split(",") if name)
         if self._declared_io is not None:
             check_declared(self.name, self._declared_io, self._session_io)
+
+    @property
+    def in_place_state(self) -> frozenset[str]:
+        return frozenset() if self.plugins or self._session is None else self._in_place
 
     def _deactivate(self) -> None:
         self._session = None
@@ -123,6 +129,29 @@ class OnnxRuntimeRunner(Runner):
 
             plugin_ops.raise_pending()
         return dict(zip(names, outputs))
+
+
+    def _infer_into(self, feeds: dict[str, np.ndarray], into: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Through an IO binding: feeds read where they are, ``into``'s outputs written in
+        place, the others (logits) allocated by onnxruntime; no copy of the state either way."""
+        if self.plugins:  # plugin nodes report errors after the run: the plain path checks them
+            return super()._infer_into(feeds, into)
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        names = [t.name for t in self.io.outputs]
+        for name in names:
+            if name in into:
+                array = into[name]
+                binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            else:
+                binding.bind_output(name, "cpu")
+        try:
+            self._session.run_with_iobinding(binding)
+        except Exception as error:  # noqa: BLE001  onnxruntime's own types derive from Exception only
+            raise InferenceError(f"{self.name}: onnxruntime failed to run the graph: {_first_line(error)}") from None
+        values = binding.get_outputs()
+        return {name: into[name] if name in into else value.numpy() for name, value in zip(names, values)}
 
 
 def _first_line(error: Exception) -> str:

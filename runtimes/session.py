@@ -179,6 +179,7 @@ class StreamingSession:
         """Start a fresh stream: every state tensor zero, position 0."""
         self._state = {name: np.zeros(self._shape(spec.shape), spec.dtype) for name, spec in self._state_specs.items()}
         self._position = np.zeros(self.batch, np.int64)
+        self._spare: dict[str, np.ndarray] | None = None  # where the next call writes the state (``_run``)
 
     @property
     def position(self) -> int | np.ndarray:
@@ -239,6 +240,7 @@ class StreamingSession:
         independent afterwards; costs ``state_bytes`` of memory. Closing either closes the runners
         they share, so close only the last one."""
         other = copy.copy(self)
+        other._spare = None  # its own buffers: never the ones this session writes
         other.restore(self.snapshot())
         return other
 
@@ -336,8 +338,18 @@ class StreamingSession:
             yield rest
 
     def _run(self, runner: Runner, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        out = runner.infer({**token_feeds(runner.io, ids, mask), **self._state})
+        """One graph call; the new state is written into the spare buffers (the previous
+        state's, once a call has run), so a stream allocates no state per token."""
+        spare = self._spare or {n: np.empty_like(a) for n, a in self._state.items()}
+        ours = {n: a.flags.writeable and a.flags.c_contiguous and a.flags.owndata for n, a in self._state.items()}
+        where = {n: self._state[n] if ours[n] and n in runner.in_place_state else spare[n] for n in self._state_specs}
+        out = runner.infer({**token_feeds(runner.io, ids, mask), **self._state},
+                           into={self._pairs[name]: where[name] for name in self._state_specs})  # fmt: skip
+        old = self._state
         self._state = {name: out[self._pairs[name]] for name in self._state_specs}
+        # the previous buffers are the next call's (a buffer updated in place keeps its spare: the
+        # spares never alias the state); arrays a caller handed in (load_state's) are never written
+        self._spare = {n: spare[n] if old[n] is self._state[n] else old[n] for n in old} if all(ours.values()) else None
         # the graph counts position when it has one; Mamba2-only graphs do not, so count here
         counted = ids.shape[1] if mask is None else mask.sum(1)
         self._position = self._state[POSITION].copy() if POSITION in self._state else self._position + counted

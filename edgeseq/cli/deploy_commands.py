@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Bars
+from rich.text import Text
 
 from edgeseq.choices import DEVICES, FLAVORS, PRECISIONS
 from edgeseq.cli.common import COMPACT_TABLE, _emit_json, config_option, json_option, main, require_toolchain
-from edgeseq.deploy.progress import Progress
+from edgeseq.deploy.progress import WARNING, Progress, Stage, StageClock
 from edgeseq.deploy.runtimes import TENSORRT
 from edgeseq.errors import EdgeseqError
 from edgeseq.width import WidthSpec
@@ -34,33 +36,82 @@ def _budget(text: str | None) -> int | None:
     return None if text is None else parse_bytes(text)
 
 
+LIVE_WIDTH = 40  # of the running stage's line: room for its time, the bar and the calls in 80 columns
+
+
 class _ProgressPrinter(Progress):
-    """One line per stage, and during validation a bar of graph calls with the time left
-    (rich draws it only on a terminal)."""
+    """One line per stage as it ends, with the seconds it took (``export portable ... 4.2 s``);
+    on a terminal also the running stage with its time so far, and during validation a bar
+    of graph calls with the time left (rich draws those only on a terminal)."""
 
     def __init__(self, console: Console):
-        self.console, self.t0 = console, time.perf_counter()
-        self.bar = None
+        self.console, self.clock = console, StageClock()
+        self.live, self.task = None, None
+        self.counting: list = []  # tasks that count graph calls
 
     def __call__(self, stage: str, detail: str) -> None:
-        elapsed = time.perf_counter() - self.t0
-        self.console.print(f"[bold cyan]{stage:>8}[/] {detail}  [dim]{elapsed:6.1f}s[/]", highlight=False)
+        if stage == WARNING:
+            self.console.print(f"[bold yellow]{stage:>8}[/] {detail}", highlight=False)
+            return
+        self._print(self.clock.begin(stage, detail))
+        line = f"{stage:>8} {detail}"
+        self.task = self._live().add_task(line if len(line) <= LIVE_WIDTH else line[: LIVE_WIDTH - 3] + "...", total=None)
 
     def calls(self, flavor: str):
-        """A (done, total) callback for ``validate_flavor``, drawing one bar per flavor."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        if self.bar is None:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                                TextColumn("calls, about"), TimeRemainingColumn(), TextColumn("left"),
-                                console=self.console, transient=True)  # fmt: skip
-            self.bar.start()
-        task = self.bar.add_task(f"validate {flavor}", total=None)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
+        """A (done, total) callback for ``validate_flavors``: the running stage's bar for the
+        first flavor, a bar of its own for any other (and in ``edgeseq validate``, which has
+        no stages)."""
+        live = self._live()
+        if self.task is None or self.task in self.counting:
+            task = live.add_task(f"validate {flavor}", total=None)
+        else:
+            task = self.task
+        self.counting.append(task)
+        return lambda done, total: live.update(task, completed=done, total=total)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        """End the last stage (its line), the live display, and say how long it all took."""
+        self._print(self.clock.end())
+        if self.clock.done:
+            self.console.print(f"[dim]{'total':>8} {self.clock.total():.1f} s[/]", highlight=False)
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def _print(self, ended: Stage | None) -> None:
+        if ended is None:
+            return
+        if self.live is not None:
+            for task in {*self.counting, *([self.task] if self.task is not None else [])}:
+                self.live.remove_task(task)
+        self.task, self.counting = None, []
+        took = f" [dim]... {ended.seconds:.1f} s[/]" if ended.seconds >= 0.05 else ""  # a note (plan): no time
+        self.console.print(f"[bold cyan]{ended.name:>8}[/] {ended.detail}{took}", highlight=False)
+
+    def _live(self) -> Bars:
+        if self.live is None:
+            self.live = Bars(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                             _CallsBar(bar_width=20), _CallsColumn(), console=self.console, transient=True)  # fmt: skip
+            self.live.start()
+        return self.live
+
+
+class _CallsBar(BarColumn):
+    """A bar for a task that counts graph calls; nothing for a stage that does not."""
+
+    def render(self, task):
+        return super().render(task) if task.total is not None else Text("")
+
+
+class _CallsColumn(ProgressColumn):
+    """Graph calls made of those expected and the time left, for a task that counts them."""
+
+    def render(self, task) -> Text:
+        if task.total is None:
+            return Text("")
+        left = task.time_remaining
+        eta = "" if left is None else f", about {left:.0f} s left"
+        return Text(f"{task.completed:.0f}/{task.total:.0f} calls{eta}")
 
 
 def _progress_printer(console: Console) -> _ProgressPrinter:
@@ -91,7 +142,8 @@ def _bundle_name(model: str | None, target: str, spec: WidthSpec | None, precisi
 @click.option("--embed-reference", is_flag=True, help="Carry the fp32 reference checkpoint in the bundle.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
               help="Where the PyTorch reference runs during validation.")
-@click.option("--threads", type=int, help="onnxruntime threads during validation (default: all cores).")
+@click.option("--threads", type=int,
+              help="Threads onnxruntime and PyTorch each use during validation (default: 1; they run side by side).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @config_option
 @json_option
@@ -167,9 +219,13 @@ def quantize(bundle, precision, output, int4_block_size, reference, steps, long_
         raise EdgeseqError("the bundle is already fp32; use --quant fp16, int8 or int4")
     output = output or bundle.with_name(f"{bundle.name}-{precision}")
     console = Console(stderr=as_json)
-    manifest = quantize_bundle(bundle, precision, output, overwrite=overwrite, block_size=int4_block_size,
-                               validate=not no_validate, steps=steps, long_steps=long_steps, reference=reference,
-                               progress=_progress_printer(console))
+    printer = _progress_printer(console)
+    try:
+        manifest = quantize_bundle(bundle, precision, output, overwrite=overwrite, block_size=int4_block_size,
+                                   validate=not no_validate, steps=steps, long_steps=long_steps, reference=reference,
+                                   progress=printer)  # fmt: skip
+    finally:
+        printer.close()
     _report_bundle(console, output, manifest, as_json)
 
 
@@ -318,7 +374,11 @@ def build_engine(bundle, target, flavor, max_batch, max_sequence, output, as_jso
     from edgeseq.deploy.engine import build_engines
 
     console = Console(stderr=as_json)
-    path = build_engines(bundle, target, flavor, max_batch, max_sequence, output, _progress_printer(console))
+    printer = _progress_printer(console)
+    try:
+        path = build_engines(bundle, target, flavor, max_batch, max_sequence, output, printer)
+    finally:
+        printer.close()
     if as_json:
         _emit_json({"engines": str(path)})
     else:

@@ -5,7 +5,11 @@ For each held-out prompt, onnxruntime-genai loads the bundle directory (its
 (the bundle's step and prefill graphs through ``StreamingSession``) decodes the same
 prompt. The verdict: the same tokens at every step, and the logits each was picked from
 within the precision's ``handoff_logit`` (both run the same graphs on the same
-onnxruntime, so they differ only where the decoder's If branch orders work differently).
+onnxruntime, so they differ only where the decoder's If branch orders work differently,
+or where onnxruntime-genai feeds a one-token prompt to the step branch and edgeseq to the
+prefill graph). Streams may part at a near tie — onnxruntime-genai's token within the
+tolerance of edgeseq's best logit, which a quantized graph's rounding decides — and are
+compared up to that step.
 ``export`` runs it before writing a bundle and ``validate`` on a written one, wherever
 onnxruntime-genai is installed.
 """
@@ -42,7 +46,8 @@ class GenaiCheck:
 
     def __bool__(self) -> bool:
         return not self.errors and all(
-            s["first_difference"] is None and s["max_abs_logit"] <= self.tolerance for s in self.streams
+            (s["first_difference"] is None or s["near_tie"]) and s["max_abs_logit"] <= self.tolerance
+            for s in self.streams
         )
 
     def summary(self) -> str:
@@ -52,9 +57,10 @@ class GenaiCheck:
             return f"onnxruntime-genai FAIL: {self.errors[0]}"
         worst = max((s["max_abs_logit"] for s in self.streams), default=0.0)
         same = sum(s["first_difference"] is None for s in self.streams)
-        return (f"onnxruntime-genai {'pass' if self else 'FAIL'}: {same}/{len(self.streams)} greedy streams equal "
-                f"({sum(s['tokens'] for s in self.streams)} tokens), max |logit diff| {worst:.2e} "
-                f"(limit {self.tolerance:g})")  # fmt: skip
+        ties = sum(s["first_difference"] is not None and s["near_tie"] for s in self.streams)
+        return (f"onnxruntime-genai {'pass' if self else 'FAIL'}: {same}/{len(self.streams)} greedy streams equal"
+                f"{f', {ties} parted at a near tie' if ties else ''} ({sum(s['tokens'] for s in self.streams)} "
+                f"tokens), max |logit diff| {worst:.2e} (limit {self.tolerance:g})")  # fmt: skip
 
     def to_dict(self) -> dict:
         return {"passed": bool(self), "summary": self.summary(), "tolerance": self.tolerance,
@@ -103,7 +109,10 @@ def check_genai(bundle: Path, manifest: dict, prompts: list[np.ndarray], steps: 
                 ours.append(int(np.argmax(logits)))
                 logits = session.step(ours[-1])
             first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)
-            diff = float(np.abs(np.stack(our_logits) - their_logits).max()) if theirs else 0.0
+            upto = len(theirs) if first is None else first + 1  # after a parting the streams hold other tokens
+            diff = float(np.abs(np.stack(our_logits[:upto]) - their_logits[:upto]).max()) if theirs else 0.0
+            # parting at a near tie: their token within the tolerance of our best (rounding picked it)
+            tie = first is not None and float(our_logits[first].max() - our_logits[first][theirs[first]]) <= tolerance
             check.streams.append({"prompt": len(ids), "tokens": len(theirs), "first_difference": first,
-                                  "max_abs_logit": diff})  # fmt: skip
+                                  "near_tie": tie, "max_abs_logit": diff})  # fmt: skip
     return check

@@ -12,6 +12,8 @@ the PyTorch reference (fp32, on CUDA when there is a GPU) against every graph
 onnxruntime can run here, on held-out prompts, ``steps`` decode steps with the state fed
 back and one long stream, and the held-out gate (bits per byte, top-1, KL on held-out
 text; what quantized bundles are judged on); graphs it cannot run here are named in the manifest.
+All flavors are validated together, beside one run of the reference
+(``edgeseq.deploy.validation.validate_flavors``); the stage lines go to ``progress``.
 
 The bundle is what ships: graphs, manifest, README. The reference is rebuilt from the
 source model the manifest names (its weights digest is checked), or carried in
@@ -44,7 +46,7 @@ from edgeseq.deploy.validation import (
     ValidationFailedError,
     reference_model,
     resolve_device,
-    validate_flavor,
+    validate_flavors,
     validation_prompts,
 )
 from edgeseq.errors import EdgeseqError
@@ -75,7 +77,7 @@ class ExportRequest:
     prompts: int = 4
     validate: bool = True
     overwrite: bool = False
-    threads: int | None = None  # onnxruntime intra-op threads during validation (None: all cores)
+    threads: int | None = None  # onnxruntime's and PyTorch's threads each during validation (None: VALIDATION_THREADS)
     memory_budget: int | None = None  # bytes for the model; None: the target's
     min_tokens_per_s: float | None = None
     int4_block_size: int = 32
@@ -164,21 +166,26 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
         progress("warning", warning)
     progress("extract", f"width {label}")
     model = extract(full, chosen.width).float().eval()
+    config, digest = full.config, weights_digest(full)
+    del full  # the checkpoint's own copy of the weights: from here on only the extracted model is needed
     flavors = [req.flavor] if req.flavor else list(target.flavors)
     graphs = {}
     for flavor in flavors:
         progress("export", flavor)
-        split = SPLIT_K if chosen.precision == "fp32" else None  # quantizers need the plain MatMuls
+        # blocked sums for the fp32 step, whose rounding a stream integrates over thousands of
+        # tokens (a prompt's GEMMs block K themselves); quantizers need the plain MatMuls
+        split = {"step": SPLIT_K if chosen.precision == "fp32" else None, "prefill": None}
         tied_once = chosen.precision in ("fp32", "fp16")  # the int8/int4 quantizers read a [V, D] table
-        graphs[flavor] = {kind: build_graph(model, kind, flavor, split_k=split, tied_once=tied_once)
+        graphs[flavor] = {kind: build_graph(model, kind, flavor, split_k=split[kind], tied_once=tied_once)
                           for kind in ("step", "prefill")}  # fmt: skip
         if chosen.precision != "fp32":
             progress("quantize", f"{flavor}: {options.describe()}")
-            graphs[flavor] = {kind: quantize_graph(g, options) for kind, g in graphs[flavor].items()}
+            tied = model.config.tie_embeddings
+            graphs[flavor] = {kind: quantize_graph(g, options, tied) for kind, g in graphs[flavor].items()}
         compat.check_graphs(target, flavor, graphs[flavor])
     source = {
         "model": req.model if req.model is None or not Path(req.model).exists() else str(Path(req.model).resolve()),
-        "name": metadata.get("name"), "width": label, "weights_sha256": weights_digest(full),
+        "name": metadata.get("name"), "width": label, "weights_sha256": digest,
         **({"config": metadata["config_file"]} if "config_file" in metadata else {}),
     }  # fmt: skip
     manifest = {
@@ -186,7 +193,7 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
         "source": {k: v for k, v in metadata.items() if k in ("name", "format", "trained", "steps")},
         "config": model.config.to_dict(),
         "width": label,
-        "layer_widths": [w.to_dict() for w in resolve(full.config, chosen.width)],
+        "layer_widths": [w.to_dict() for w in resolve(config, chosen.width)],
         "flavors": flavors,
         "precision": chosen.precision,
         "quantization": options.describe(),
@@ -210,7 +217,12 @@ def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: d
     if decoder is not None:
         files[manifest["genai"]["decoder"]] = decoder
     manifest["weights_bytes"] = write_graphs(tmp, files)
-    if decoder is not None:
+    # the graphs are on disk now and validation loads them from there: let go of the protos,
+    # which hold every weight (the caller's dict too: its keys say which graphs there are)
+    files.clear()
+    decoder = decoder is not None
+    graphs.update({flavor: dict.fromkeys(kinds) for flavor, kinds in graphs.items()})
+    if decoder:
         write_genai_config(tmp, model.config, manifest)
     if req.embed_reference:
         (tmp / "reference").mkdir()
@@ -220,13 +232,13 @@ def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: d
     manifest["graphs"] = {f: {k: graph_file(f, k) for k in kinds} for f, kinds in graphs.items()}
     if req.validate:
         device = resolve_device(req.reference_device)
-        for flavor in graphs:
-            if not runnable_here(flavor):
-                validation["not_run"][flavor] = why_not_here(flavor)
-                continue
-            progress("validate", f"{flavor} at {precision} against the {device} reference (drift: fp64)")
-            result = validate_flavor(tmp, manifest, model, flavor, req.steps, req.long_steps, req.prompts,
-                                     device, req.threads, req.heldout, progress=progress.calls(flavor))
+        validation["not_run"] = {f: why_not_here(f) for f in graphs if not runnable_here(f)}
+        runnable = [f for f in graphs if runnable_here(f)]
+        if runnable:
+            progress("validate", f"{', '.join(runnable)} at {precision} against the {device} reference (drift: fp64)")
+        results = validate_flavors(tmp, manifest, model, runnable, req.steps, req.long_steps, req.prompts, device,
+                                   req.threads, req.heldout, progress={f: c for f in runnable if (c := progress.calls(f))})
+        for flavor, result in results.items():
             (tmp / "validation").mkdir(exist_ok=True)
             write_report(result.compare, tmp / "validation" / f"{flavor}.json")
             plot_drift(result.compare, tmp / "validation" / f"{flavor}_drift.png")
@@ -299,7 +311,8 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
         graphs = {}
         for flavor in manifest["flavors"]:  # rebuilt from the reference: the fp32 graphs' blocked sums hide the matrices
             progress("quantize", f"{flavor}: {options.describe()}")
-            graphs[flavor] = {kind: quantize_graph(build_graph(model, kind, flavor), options) for kind in ("step", "prefill")}
+            graphs[flavor] = {kind: quantize_graph(build_graph(model, kind, flavor), options, model.config.tie_embeddings)
+                              for kind in ("step", "prefill")}  # fmt: skip
             compat.check_graphs(target, flavor, graphs[flavor])
         new = {k: v for k, v in manifest.items() if k not in ("files", "schema_version", "validation", "graphs")}
         new |= {"precision": precision, "quantization": options.describe(), "quantized_from": str(source)}

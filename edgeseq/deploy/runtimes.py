@@ -3,6 +3,7 @@
     flavor     runtimes that run it                       here when
     portable   onnxruntime, tensorrt (engine)             onnxruntime / tensorrt importable
     opset27    onnxruntime (>= 1.32)                      onnxruntime importable
+    contrib    onnxruntime (>= 1.32, its contrib ops)     onnxruntime importable
     tensorrt   tensorrt (engine, edgeseq's AOT plugins),  tensorrt importable
                onnxruntime-plugins (plugin nodes as       onnxruntime_extensions and torch
                custom ops, the kernels' CPU twins)        importable (the ``export`` extra)
@@ -39,7 +40,7 @@ class Runtime:
 
 
 RUNTIME_TABLE = (
-    Runtime("onnxruntime", ("portable", "opset27"), ("onnxruntime",), "pip install onnxruntime"),
+    Runtime("onnxruntime", ("portable", "opset27", "contrib"), ("onnxruntime",), "pip install onnxruntime"),
     Runtime("onnxruntime-plugins", ("tensorrt",), ("onnxruntime", "onnxruntime_extensions", "torch"),
             "pip install 'edgeseq[export]'", plugins="reference"),
     Runtime("tensorrt", ("tensorrt", "portable"), ("tensorrt",), "TensorRT >= 10.9 (JetPack 7 on Jetson)",

@@ -23,6 +23,8 @@ from edgeseq.deploy.runtimes import Placement, open_runner, runnable_here, why_n
 from edgeseq.errors import EdgeseqError
 from edgeseq.export.spec import GraphIO
 
+VALIDATION_THREADS = 1  # per runtime, unless asked (``set_torch_threads`` says why)
+
 
 class ValidationFailedError(EdgeseqError):
     """An exported graph disagrees with the reference beyond its tolerance."""
@@ -106,6 +108,21 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def set_torch_threads(threads: int) -> Callable[[], None]:
+    """Give PyTorch ``threads`` intra-op threads; returns what puts the old count back.
+
+    The reference (PyTorch) and the candidate (onnxruntime) take turns call by call, each
+    call small: a pool of threads per runtime costs more in hand-offs than it gains, and
+    an idle pool spinning on the cores the other runtime needs (onnxruntime's spins after
+    every run) made each call several times slower here. Validation gives each one
+    thread (``VALIDATION_THREADS``) unless ``--threads`` says otherwise."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return lambda: torch.set_num_threads(before)
+
+
 # ---- one flavor --------------------------------------------------------------------------
 @dataclass
 class FlavorValidation:
@@ -132,18 +149,30 @@ class FlavorValidation:
 def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int, long_steps: int, prompts: int,
                     device: str, threads: int | None = None, heldout: tuple[int, int] | None = (16, 512),
                     oracle: bool = True, progress: CallProgress | None = None) -> FlavorValidation:  # fmt: skip
-    """Judge one flavor's step AND prefill graphs against the reference: prompts through
+    """Judge one flavor's step AND prefill graphs against the reference (``validate_flavors``)."""
+    return validate_flavors(bundle, manifest, model, [flavor], steps, long_steps, prompts, device, threads, heldout,
+                            oracle, {flavor: progress} if progress else None)[flavor]  # fmt: skip
+
+
+def validate_flavors(bundle: Path, manifest: dict, model, flavors: list[str], steps: int, long_steps: int,
+                     prompts: int, device: str, threads: int | None = None,
+                     heldout: tuple[int, int] | None = (16, 512), oracle: bool = True,
+                     progress: dict[str, CallProgress] | None = None) -> dict[str, FlavorValidation]:  # fmt: skip
+    """Judge each flavor's step AND prefill graphs against the reference: prompts through
     prefill (last logits, every state handed on), the prefill graph against the step graph
     (handoff), decode steps, the long stream's drift against fp64 (``oracle``), and the
     held-out gate (``heldout`` = streams x tokens; None skips it), fed in turns of prefill
-    and decode (``edgeseq.validate.heldout.feeding_plan``). Candidate runners come from ``edgeseq.deploy.runtimes``, placed on the
-    target's execution providers; ``threads`` (None: all cores) is this machine's.
-    ``progress(done, total)`` is called after every candidate call."""
+    and decode (``edgeseq.validate.heldout.feeding_plan``). The flavors go through the
+    streams and the gate together, so the reference and the fp64 oracle run once for all
+    (``edgeseq.validate.compare.compare_each``). Candidate runners come from
+    ``edgeseq.deploy.runtimes``, placed on the target's execution providers; ``threads``
+    (None: ``VALIDATION_THREADS``) is what onnxruntime and PyTorch each get on this machine.
+    ``progress[flavor](done, total)`` is called after every call of that flavor's graphs."""
     from edgeseq.runtimes.torch_runner import TorchRunner
-    from edgeseq.tokenizer import TokenizerError
-    from edgeseq.validate import compare
-    from edgeseq.validate.heldout import heldout_gate
+    from edgeseq.validate.compare import compare_each
 
+    if not flavors:
+        return {}
     precision = manifest["precision"]
     step_io, prefill_io = (GraphIO.from_dict(manifest["io"][k]) for k in ("step", "prefill"))
     limit = model.config.stream_limit()
@@ -156,39 +185,57 @@ def validate_flavor(bundle: Path, manifest: dict, model, flavor: str, steps: int
         skipped = "not asked" if heldout is None else None
     if heldout is not None and limit is not None:  # a window of tokens + 1 bytes must fit a global attention cache
         heldout = (heldout[0], min(heldout[1], limit - 1))
-    placement = Placement.of_target(manifest.get("target", {}), threads or 0)  # this machine's threads
-    ref_step, cand_step, ref_pre, cand_pre = (
-        TorchRunner(model, "step", device=device),
-        open_runner(bundle, manifest, flavor, "step", placement),
-        TorchRunner(model, "prefill", device=device),
-        open_runner(bundle, manifest, flavor, "prefill", placement),
-    )
-    fp64 = _oracle_runner(model) if oracle and long_steps else None
-    runners = [r for r in (ref_step, cand_step, ref_pre, cand_pre, fp64) if r is not None]
+    placement = Placement.of_target(manifest.get("target", {}), threads or VALIDATION_THREADS)
+    ref_step, ref_pre = TorchRunner(model, "step", device=device), TorchRunner(model, "prefill", device=device)
+    cands = {f: (open_runner(bundle, manifest, f, "step", placement), open_runner(bundle, manifest, f, "prefill", placement))
+             for f in flavors}  # fmt: skip
+    fp64 = _oracle_runner(model, chunks=True) if oracle and long_steps else None
+    runners = [r for r in (ref_step, ref_pre, fp64, *(r for pair in cands.values() for r in pair)) if r is not None]
     chosen = validation_prompts(model.config, prompts)
-    if progress is not None:
-        _count_calls(progress, (cand_step, cand_pre), expected_calls(chosen, steps, long_steps, heldout))
+    for f, counter in (progress or {}).items():
+        _count_calls(counter, cands[f], expected_calls(chosen, steps, long_steps, heldout))
+    restore_threads = set_torch_threads(threads or VALIDATION_THREADS)
     for r in runners:
         r.activate()
     try:
-        result = compare(
-            ref_step, cand_step, step_io, tolerance=precision, prompts=chosen, tokens=stream_start(model.config),
-            steps=steps, long_steps=long_steps, prefill=(ref_pre, cand_pre, prefill_io),
+        results = compare_each(
+            ref_step, [step for step, _ in cands.values()], step_io, tolerance=precision, prompts=chosen,
+            tokens=stream_start(model.config), steps=steps, long_steps=long_steps,
+            prefill=(ref_pre, [pre for _, pre in cands.values()], prefill_io),
             reference_device=f"{device}:{device_name(device)}", oracle=fp64,
         )  # fmt: skip
-        if heldout is None:
-            return FlavorValidation(result, heldout_skipped=skipped)
-        if not result:  # the verdict is already no; the gate would only cost time
-            return FlavorValidation(result, heldout_skipped="the comparison failed")
-        try:
-            gate = heldout_gate(ref_step, cand_step, step_io, precision, *heldout,
-                                prefill=(ref_pre, cand_pre, prefill_io), tokenizer=tokenizer)  # fmt: skip
-        except TokenizerError as e:  # its vocabulary cannot be put per byte: the comparison alone judges
-            return FlavorValidation(result, heldout_skipped=str(e))
-        return FlavorValidation(result, gate)
+        verdicts = {f: FlavorValidation(r, heldout_skipped=skipped) for f, r in zip(cands, results)}
+        if heldout is not None:
+            _gate(verdicts, (ref_step, ref_pre), cands, (step_io, prefill_io), precision, heldout, tokenizer)
+        return verdicts
     finally:
         for r in runners:
             r.deactivate()
+        restore_threads()
+
+
+def _gate(verdicts: dict[str, FlavorValidation], reference: tuple, cands: dict[str, tuple], io: tuple,
+          precision: str, heldout: tuple[int, int], tokenizer) -> None:  # fmt: skip
+    """The held-out gate of every flavor whose comparison passed (a failed one is already
+    no), beside one run of the reference (step, prefill); into ``verdicts``."""
+    from edgeseq.tokenizer import TokenizerError
+    from edgeseq.validate.heldout import heldout_gates
+
+    judged = [f for f in cands if verdicts[f].compare]
+    for f in cands:
+        if f not in judged:
+            verdicts[f].heldout_skipped = "the comparison failed"
+    if not judged:
+        return
+    try:
+        gates = heldout_gates(reference[0], [cands[f][0] for f in judged], io[0], precision, *heldout,
+                              prefill=(reference[1], [cands[f][1] for f in judged], io[1]), tokenizer=tokenizer)  # fmt: skip
+    except TokenizerError as e:  # its vocabulary cannot be put per byte: the comparison alone judges
+        for f in judged:
+            verdicts[f].heldout_skipped = str(e)
+        return
+    for f, gate in zip(judged, gates):
+        verdicts[f].heldout = gate
 
 
 def expected_calls(prompts: list[np.ndarray], steps: int, long_steps: int, heldout: tuple[int, int] | None) -> int:
@@ -213,11 +260,15 @@ def _count_calls(progress: CallProgress, runners, total: int) -> None:
         r.watch(tick)
 
 
-def _oracle_runner(model):
+def _oracle_runner(model, chunks: bool = False):
     """The same model in fp64 on the CPU (its own copy, made on activate): the judge of the
-    long stream's drift. Which device runs it does not matter: fp64 runs agree to ~1e-13."""
+    long stream's drift. Which device runs it does not matter: fp64 runs agree to ~1e-13.
+    ``chunks``: its prefill with every position's logits, which verifies the stream a chunk
+    per call (``edgeseq.validate.streams.run_verified_stream``) instead of a step per call."""
     from edgeseq.runtimes.torch_runner import TorchRunner
 
+    if chunks:
+        return TorchRunner(model, "prefill", device="cpu", dtype="float64", all_logits=True)
     return TorchRunner(model, "step", device="cpu", dtype="float64")
 
 
@@ -277,9 +328,10 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
                               oracle=fp64, info={"bundle": str(bundle), "device": device})  # fmt: skip
         write_golden(save_golden, g, overwrite=True)
         outcome["golden"] = str(save_golden)
-    for f in runnable:
-        result = validate_flavor(bundle, manifest, model, f, steps, long_steps, 4, device, heldout=heldout,
-                                 progress=progress(f) if progress else None)  # fmt: skip
+    counters = {f: c for f in runnable if (c := progress(f) if progress else None)}
+    results = validate_flavors(bundle, manifest, model, runnable, steps, long_steps, 4, device, heldout=heldout,
+                               progress=counters)  # fmt: skip
+    for f, result in results.items():
         _record(outcome, f, result, result.compare, result.to_dict()["heldout"])
         _write_outputs(result.compare, f, report, plot, len(runnable) > 1)
     _check_genai(outcome, bundle, manifest, validation_prompts(model.config, 4), steps)

@@ -3,7 +3,10 @@
     metrics   per-output error statistics (numpy only)
     results   Comparison (accumulates over calls), typed failures, PhaseResult, CompareResult
     compare   drives any two runners: prefill, decode with state fed back, the long stream
-              (its drift judged against an fp64 oracle when one is given)
+              (its drift judged against an fp64 oracle when one is given); compare_each
+              drives one reference beside several candidates (a bundle's flavors)
+    streams   what runners are fed, and the streams: step by step, in lockstep, and with
+              an fp64 oracle that takes a chunk per call (run_verified_stream)
     drift     OracleDrift: the long stream's distances from fp64 and the drift rule's verdict
     golden    reference calls saved as safetensors, compared later without torch
     report    JSON report, rich table, drift PNG

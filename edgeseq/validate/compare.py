@@ -26,19 +26,19 @@ near-ties differently), so a candidate's distance from fp64 is measured on the s
 stream whichever reference validates it, reports from different machines compare, and
 neither fp32 side steers the stream it is judged on.
 A runner is anything with ``infer(dict[str, np.ndarray]) -> dict``, already active:
-life cycles stay with the caller.
+life cycles stay with the caller. How runners are driven (feeds, streams, the chunked fp64
+oracle, several candidates in lockstep) lives in ``edgeseq.validate.streams``;
+``compare_each`` judges several candidates beside one reference run.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Sequence
 
 import numpy as np
 
-from edgeseq.errors import UsageError
-from edgeseq.export.spec import ATTENTION_MASK, BATCH, GraphIO, Tolerance
+from edgeseq.export.spec import GraphIO, Tolerance
 from edgeseq.validate.results import (  # noqa: F401  (re-exported: one import site for users)
     LOGITS,
     PHASE_CHECKS,
@@ -53,167 +53,29 @@ from edgeseq.validate.results import (  # noqa: F401  (re-exported: one import s
     UnknownPrecisionError,
     resolve_tolerance,
 )
+from edgeseq.validate.streams import (  # noqa: F401  (re-exported, as above)
+    PROMPT_LENGTHS,
+    Feeds,
+    Record,
+    Runner,
+    as_tokens,
+    infer_arrays,
+    last_call,
+    random_prompts,
+    run_calls,
+    run_lockstep_stream,
+    run_stream,
+    run_verified_stream,
+    takes_chunks,
+    takes_whole_prompt,
+    token_feeds,
+    token_input,
+    vocab_size,
+    zero_state,
+)
 
 DECODE_STEPS = 256
 LONG_STEPS = 4096
-PROMPT_LENGTHS = (1, 7, 33)
-
-Feeds = dict[str, np.ndarray]
-Record = tuple[Feeds, dict[str, np.ndarray]]  # (inputs, outputs) of one reference call
-
-
-class Runner(Protocol):
-    def infer(self, feeds: Feeds) -> Mapping[str, np.ndarray]: ...
-
-
-# --- what the runners are fed ---------------------------------------------------------
-
-
-def token_input(io: GraphIO) -> str:
-    """The one input that is neither state nor a prefill's mask: ``input_ids``."""
-    state = {p for p, _ in io.state_pairs}
-    rest = [t.name for t in io.inputs if t.name not in state and t.name != ATTENTION_MASK]
-    if len(rest) != 1:
-        raise UsageError(f"expected one token input besides the state, found {rest}")
-    return rest[0]
-
-
-def token_feeds(io: GraphIO, tokens: np.ndarray) -> Feeds:
-    """The feeds besides the state: ``tokens`` [B, T] and, where the graph takes one (a
-    prefill graph), an all-ones ``attention_mask`` (validation feeds unpadded prompts)."""
-    feeds = {token_input(io): tokens}
-    if any(t.name == ATTENTION_MASK for t in io.inputs):
-        feeds[ATTENTION_MASK] = np.ones(tokens.shape, np.int64)
-    return feeds
-
-
-def zero_state(io: GraphIO, batch: int = 1) -> Feeds:
-    """Zeros for every state input (``past.*``, ``position``), batch axis set to ``batch``."""
-    specs = {t.name: t for t in io.inputs}
-    state = {}
-    for name, _ in io.state_pairs:
-        shape = tuple(batch if d == BATCH else d for d in specs[name].shape)
-        if any(isinstance(d, str) for d in shape):
-            raise UsageError(f"state input {name} has a dynamic axis besides batch: {specs[name].shape}")
-        state[name] = np.zeros(shape, dtype=specs[name].dtype)
-    return state
-
-
-def vocab_size(io: GraphIO, logits: str = LOGITS) -> int:
-    (spec,) = [t for t in io.outputs if t.name == logits]
-    if not isinstance(spec.shape[-1], int):
-        raise UsageError(f"{logits} has a dynamic vocabulary axis; pass prompts and tokens explicitly")
-    return spec.shape[-1]
-
-
-def random_prompts(io: GraphIO, lengths: Sequence[int] = PROMPT_LENGTHS, seed: int = 0) -> list[np.ndarray]:
-    """One [1, T] int64 prompt of uniform random tokens per length."""
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab_size(io), size=(1, n), dtype=np.int64) for n in lengths]
-
-
-def takes_whole_prompt(io: GraphIO, length: int) -> bool:
-    (spec,) = [t for t in io.inputs if t.name == token_input(io)]
-    axis = spec.shape[1]
-    if isinstance(axis, str) or axis == length:
-        return True
-    if axis == 1:
-        return False
-    raise UsageError(f"a prompt of {length} tokens fits neither this graph's {axis} tokens per call nor a step")
-
-
-def as_tokens(tokens: np.ndarray) -> np.ndarray:
-    tokens = np.asarray(tokens, dtype=np.int64)
-    return tokens[None, :] if tokens.ndim == 1 else tokens  # [T] -> [1, T]
-
-
-# --- driving runners ------------------------------------------------------------------
-
-
-def infer_arrays(runner: Runner, feeds: Feeds) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v) for k, v in runner.infer(dict(feeds)).items()}
-
-
-def run_calls(
-    reference: Runner,
-    candidate: Runner | None,
-    feeds: Iterable[Feeds],
-    comparison: Comparison | None = None,
-    record: list[Record] | None = None,
-) -> int:
-    """Independent calls, the same feeds to both sides; stops at an uncomparable call.
-    ``candidate=None`` only runs (and records) the reference. Returns the calls made."""
-    calls = 0
-    for feed in feeds:
-        ref = infer_arrays(reference, feed)
-        calls += 1
-        if record is not None:
-            record.append((dict(feed), ref))
-        if candidate is None or comparison is None:
-            continue
-        own = {k: np.array(v) for k, v in feed.items()}  # no buffer shared between sides
-        if not comparison.add(ref, infer_arrays(candidate, own)):
-            break
-    return calls
-
-
-def run_stream(
-    reference: Runner,
-    candidate: Runner | None,
-    io: GraphIO,
-    steps: int,
-    comparison: Comparison | None = None,
-    *,
-    tokens: np.ndarray | None = None,
-    state: Feeds | None = None,
-    record: list[Record] | None = None,
-    oracle: Runner | None = None,
-) -> int:
-    """``steps`` decode calls; each side feeds back its own state (diagram above).
-
-    tokens: [B, N] int64 forced for the first N steps (N may be < steps); afterwards, and
-    when None (then the first token is 0), the argmax of the oracle's logits when there is
-    an oracle, else of the reference's. state: the starting state of every side, zeros by
-    default; the oracle gets it in the dtypes its ``io`` declares (float64). oracle: the
-    fp64 model, run beside both sides; its outputs go to ``comparison.add``. Returns the
-    calls made.
-    """
-    tokens = np.zeros((1, 1), np.int64) if tokens is None else as_tokens(tokens)
-    ref_state = dict(state) if state is not None else zero_state(io, tokens.shape[0])
-    cand_state = {k: v.copy() for k, v in ref_state.items()}  # no buffer shared between sides
-    fp64_state = _in_dtypes_of(oracle, ref_state) if oracle is not None else {}
-    token = np.ascontiguousarray(tokens[:, :1])
-    for step in range(steps):
-        fp64 = None
-        if oracle is not None:
-            fp64 = infer_arrays(oracle, {**token_feeds(io, token.copy()), **fp64_state})
-            fp64_state = {past: fp64[present] for past, present in io.state_pairs}
-        feeds = {**token_feeds(io, token), **ref_state}
-        ref = infer_arrays(reference, feeds)
-        if record is not None:
-            record.append((feeds, ref))
-        if candidate is not None and comparison is not None:
-            cand = infer_arrays(candidate, {**token_feeds(io, token.copy()), **cand_state})
-            if not comparison.add(ref, cand, oracle=fp64):
-                return step + 1
-            cand_state = {past: cand[present] for past, present in io.state_pairs}
-        ref_state = {past: ref[present] for past, present in io.state_pairs}
-        if step + 1 < tokens.shape[1]:
-            token = np.ascontiguousarray(tokens[:, step + 1 : step + 2])
-        else:
-            logits = (fp64 if fp64 is not None else ref)[LOGITS]
-            last = logits[:, -1] if logits.ndim == 3 else logits  # [B, T, V] -> [B, V]
-            token = np.argmax(last, axis=-1).astype(np.int64)[:, None]
-    return steps
-
-
-def _in_dtypes_of(runner: Runner, state: Feeds) -> Feeds:
-    """Copies of ``state`` in the dtypes ``runner.io`` declares for them (the fp64 oracle
-    keeps a float64 state); as they are for a runner without an ``io``."""
-    io = getattr(runner, "io", None)
-    dtypes = {t.name: t.dtype for t in io.inputs} if io is not None else {}
-    return {k: v.astype(dtypes.get(k, v.dtype)) for k, v in state.items()}  # astype copies
-
 
 # --- the phases -----------------------------------------------------------------------
 
@@ -261,10 +123,9 @@ def compare_handoff(
     _, tol = resolve_tolerance(tolerance)
     comparison = Comparison("handoff", _names(prefill_io))
     for prompt in map(as_tokens, prompts):
-        calls: list[Record] = []
-        run_stream(step, None, step_io, prompt.shape[1], tokens=prompt, record=calls)
+        stepped = last_call(step, step_io, prompt)
         whole = infer_arrays(prefill, {**token_feeds(prefill_io, prompt), **zero_state(prefill_io, prompt.shape[0])})
-        if not comparison.add(calls[-1][1], whole):
+        if not comparison.add(stepped, whole):
             break
     return comparison.result(tol.handoff())
 
@@ -302,7 +163,9 @@ def compare_long_stream(
     max abs logit error of the candidate from the reference.
 
     oracle: the same model in fp64 (``TorchRunner(model, dtype="float64")``), run beside
-    both sides on the same tokens (its greedy choice after ``tokens``), each side feeding
+    both sides on the same tokens (its greedy choice after ``tokens``); a prefill runner
+    with all logits (``takes_chunks``) takes the stream a chunk per call
+    (``run_verified_stream``), a step runner a step per call. Each side feeds
     back its own state. The result's ``oracle_drift`` then holds, per step, the max abs
     logit distance of the candidate and of the reference from fp64, and the drift check
     is ``export.spec.drift_within`` on their maxima instead of ``tolerance.drift`` on the
@@ -312,14 +175,23 @@ def compare_long_stream(
     return _compare_stream(reference, candidate, io, steps, tolerance, tokens, seed, phase, state_rel_l2, oracle)
 
 
+def _first_tokens(io: GraphIO, tokens: np.ndarray | None, seed: int) -> np.ndarray:
+    """``tokens``, else one drawn from ``seed``: where a stream starts."""
+    if tokens is not None:
+        return tokens
+    return np.random.default_rng(seed).integers(0, vocab_size(io), size=(1, 1), dtype=np.int64)
+
+
 def _compare_stream(reference: Runner, candidate: Runner, io: GraphIO, steps: int, tolerance: Tolerance | str,
                     tokens: np.ndarray | None, seed: int, phase: str, state_rel_l2: float | None,
                     oracle: Runner | None = None) -> PhaseResult:  # fmt: skip
     _, tol = resolve_tolerance(tolerance)
-    if tokens is None:
-        tokens = np.random.default_rng(seed).integers(0, vocab_size(io), size=(1, 1), dtype=np.int64)
+    tokens = _first_tokens(io, tokens, seed)
     comparison = Comparison(phase, _names(io))
-    run_stream(reference, candidate, io, steps, comparison, tokens=tokens, oracle=oracle)
+    if oracle is not None and takes_chunks(oracle):
+        run_verified_stream(reference, [candidate], io, steps, [comparison], tokens=tokens, oracle=oracle)
+    else:
+        run_stream(reference, candidate, io, steps, comparison, tokens=tokens, oracle=oracle)
     return comparison.result(tol, state_rel_l2=state_rel_l2)
 
 
@@ -386,6 +258,54 @@ def compare(
             state_rel_l2=state_rel_l2, oracle=oracle,
         )  # fmt: skip
     return result
+
+
+def compare_each(
+    reference: Runner,
+    candidates: Sequence[Runner],
+    io: GraphIO | None = None,
+    *,
+    tolerance: Tolerance | str = "fp32",
+    prompts: Sequence[np.ndarray] | None = None,
+    steps: int = DECODE_STEPS,
+    long_steps: int = LONG_STEPS,
+    seed: int = 0,
+    tokens: np.ndarray | None = None,
+    prefill: tuple[Runner, Sequence[Runner], GraphIO] | None = None,
+    state_rel_l2: float | None = None,
+    reference_device: str | None = None,
+    oracle: Runner | None = None,
+) -> list[CompareResult]:
+    """``compare`` for several candidates of one reference (a bundle's flavors), one result
+    each, as ``compare`` gives it: prompts and handoff candidate by candidate, both streams
+    in lockstep (``streams.Lockstep``), so that the reference, and the oracle, run once per
+    step for all of them. prefill: (reference, one candidate per candidate, io). An
+    oracle that takes steps only (not ``takes_chunks``) runs each candidate with ``compare``."""
+    io = io if io is not None else reference.io  # type: ignore[attr-defined]
+    _, tol = resolve_tolerance(tolerance)
+    by_one = oracle is not None and long_steps and not takes_chunks(oracle)
+    results = []
+    for i, candidate in enumerate(candidates):
+        own = None if prefill is None else (prefill[0], prefill[1][i], prefill[2])
+        results.append(compare(reference, candidate, io, tolerance=tolerance, prompts=prompts,
+                               steps=steps if by_one else 0, long_steps=long_steps if by_one else 0, seed=seed,
+                               tokens=tokens, prefill=own, state_rel_l2=state_rel_l2,
+                               reference_device=reference_device, oracle=oracle))  # fmt: skip
+        results[-1].settings |= {"steps": steps, "long_steps": long_steps}
+    if by_one:
+        return results
+    for phase, n, start in (("decode", steps, seed), ("long_stream", long_steps, seed + 1)):
+        if not n:
+            continue
+        comparisons = [Comparison(phase, _names(io)) for _ in candidates]
+        first = _first_tokens(io, tokens, start)
+        if phase == "long_stream" and oracle is not None:
+            run_verified_stream(reference, candidates, io, n, comparisons, tokens=first, oracle=oracle)
+        else:
+            run_lockstep_stream(reference, candidates, io, n, comparisons, tokens=first)
+        for result, comparison in zip(results, comparisons):
+            result.phases[phase] = comparison.result(tol, state_rel_l2=state_rel_l2)
+    return results
 
 
 # --- who ran ---------------------------------------------------------------------------

@@ -126,19 +126,27 @@ def heldout_gate(reference, candidate, io: GraphIO, precision: str, streams: int
     decode), so the gate judges the prefill graphs and the state they hand to decode.
     Each prefill call predicts one byte (the one after its prompt), each step one.
     tokenizer: the model's own (None: bytes); a TokenizerError says it cannot map to bytes."""
+    pre = None if prefill is None else (prefill[0], [prefill[1]], prefill[2])
+    return heldout_gates(reference, [candidate], io, precision, streams, tokens, pre, tokenizer)[0]
+
+
+def heldout_gates(reference, candidates, io: GraphIO, precision: str, streams: int = 16, tokens: int = 512,
+                  prefill: tuple | None = None, tokenizer=None) -> list[HeldoutResult]:  # fmt: skip
+    """``heldout_gate`` for several candidates (a bundle's flavors) on one run of the
+    reference: one result per candidate. prefill: (reference, one runner per candidate, io)."""
     windows, bytes_per_token = _windows(streams, tokens, 0, tokenizer)
     pairs = dict(io.state_pairs)
-    after_prefill = {"kl": 0.0, "hits": 0, "n": 0}
-    graphs = {"step": ((reference, candidate), io)}
+    graphs = {"step": ([reference, *candidates], io)}
     if prefill is not None:
-        graphs["prefill"] = (prefill[:2], prefill[2])
-    states = [zero_state(io, batch=streams), zero_state(io, batch=streams)]
-    nats, kl, hits, n = [0.0, 0.0], 0.0, 0, 0
+        graphs["prefill"] = ([prefill[0], *prefill[1]], prefill[2])
+    sides = len(candidates) + 1
+    states = [zero_state(io, batch=streams) for _ in range(sides)]
+    nats = [0.0] * sides
+    scores = [_Score() for _ in candidates]
     rows = np.arange(streams)
 
     def call(kind: str, ids: np.ndarray, target: np.ndarray) -> None:
-        nonlocal kl, hits, n
-        (runners, graph_io) = graphs[kind]
+        runners, graph_io = graphs[kind]
         logits = []
         for side, runner in enumerate(runners):
             out = infer_arrays(runner, {**token_feeds(graph_io, ids), **states[side]})
@@ -146,12 +154,9 @@ def heldout_gate(reference, candidate, io: GraphIO, precision: str, streams: int
             logits.append(last)
             nats[side] -= float(np.sum(log_softmax(last)[rows, target]))
             states[side] = {past: out[present] for past, present in pairs.items()}
-        kl_sum, hit_count = float(np.sum(kl_per_row(*logits))), int(np.count_nonzero(top1_matches(*logits)))
-        kl, hits, n = kl + kl_sum, hits + hit_count, n + streams
-        if kind == "prefill":
-            after_prefill["kl"] += kl_sum
-            after_prefill["hits"] += hit_count
-            after_prefill["n"] += streams
+        for score, theirs in zip(scores, logits[1:]):
+            kl = float(np.sum(kl_per_row(logits[0], theirs)))
+            score.add(kl, int(np.count_nonzero(top1_matches(logits[0], theirs))), streams, kind == "prefill")
 
     for kind, start, end in feeding_plan(tokens, prefill is not None):
         if kind == "prefill":
@@ -159,7 +164,30 @@ def heldout_gate(reference, candidate, io: GraphIO, precision: str, streams: int
         else:
             for t in range(start, end):
                 call(kind, windows[:, t : t + 1], windows[:, t + 1])
-    m = after_prefill["n"]
-    bits = [nats[side] / n / math.log(2) / bytes_per_token for side in (0, 1)]
-    return HeldoutResult(bits[0], bits[1], hits / n, kl / n, n, precision,
-                         after_prefill["hits"] / m if m else None, after_prefill["kl"] / m if m else None, m)  # fmt: skip
+    n = scores[0].n
+    bits = [nats[side] / n / math.log(2) / bytes_per_token for side in range(sides)]
+    return [HeldoutResult(bits[0], bits[side], score.hits / n, score.kl / n, n, precision,
+                          *score.after_prefill()) for side, score in enumerate(scores, start=1)]  # fmt: skip
+
+
+@dataclass
+class _Score:
+    """One candidate's agreement with the reference, summed over calls (and over the calls
+    that follow a prompt, apart)."""
+
+    kl: float = 0.0
+    hits: int = 0
+    n: int = 0
+    prefill_kl: float = 0.0
+    prefill_hits: int = 0
+    prefill_n: int = 0
+
+    def add(self, kl: float, hits: int, n: int, after_prefill: bool) -> None:
+        self.kl, self.hits, self.n = self.kl + kl, self.hits + hits, self.n + n
+        if after_prefill:
+            self.prefill_kl, self.prefill_hits = self.prefill_kl + kl, self.prefill_hits + hits
+            self.prefill_n += n
+
+    def after_prefill(self) -> tuple[float | None, float | None, int]:
+        m = self.prefill_n
+        return (self.prefill_hits / m if m else None), (self.prefill_kl / m if m else None), m

@@ -27,6 +27,7 @@ long stream measures; per-state statistics are always reported.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -288,11 +289,20 @@ class Comparison:
             if name in self._series:
                 self._series[name].append(call_max)
         if oracle is not None and ok:
-            self._add_oracle(reference, candidate, oracle)
+            self.add_oracle(reference, candidate, oracle)
         return ok
 
-    def _add_oracle(self, reference: Mapping[str, object], candidate: Mapping[str, object],
-                    oracle: Mapping[str, object]) -> None:  # fmt: skip
+    def snapshot(self) -> dict:
+        """Everything accumulated so far, for ``restore`` (a chunk of calls taken back)."""
+        return copy.deepcopy(self.__dict__)
+
+    def restore(self, snapshot: dict) -> None:
+        self.__dict__.update(copy.deepcopy(snapshot))
+
+    def add_oracle(self, reference: Mapping[str, object], candidate: Mapping[str, object],
+                   oracle: Mapping[str, object]) -> None:  # fmt: skip
+        """How far each side's logits of one call are from the fp64 oracle's (``add`` with
+        ``oracle`` calls it; ``run_verified_stream`` calls it once the oracle has run)."""
         truth = np.asarray(oracle[self.logits])
         if truth.dtype != np.float64:  # an fp32 "oracle" would judge fp32 by fp32 again, silently
             raise UsageError(f"the oracle's {self.logits} are {truth.dtype}; run it in fp64: "

@@ -68,7 +68,7 @@ def test_every_flavor_builds_and_the_ort_flavors_need_no_plugins(flavor):
     proto = build_graph(random_model(small_config(), torch.float32), "step", flavor)
     custom = sorted({n.domain for n in proto.graph.node} - set(STANDARD_DOMAINS))
     if flavor in BY_NAME["onnxruntime"].flavors:  # the runtime table: plain onnxruntime runs it
-        assert not custom, custom
+        assert set(custom) <= {"com.microsoft"}, custom  # its own contrib ops at most
         ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])  # no op library loaded
     else:
         assert custom  # plugin nodes: onnxruntime runs them only as custom ops (the onnxruntime-plugins runtime)

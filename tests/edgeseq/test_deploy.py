@@ -36,12 +36,12 @@ def bundle(tmp_path_factory):
 
 def test_bundle_layout_and_manifest(bundle):
     manifest = read_manifest(bundle)
-    assert manifest["flavors"] == ["portable", "opset27"] and manifest["width"] == "0.5"
-    assert set(manifest["validation"]["ran"]) == {"portable", "opset27"}
+    assert manifest["flavors"] == ["contrib", "portable"] and manifest["width"] == "0.5"
+    assert set(manifest["validation"]["ran"]) == {"contrib", "portable"}
     assert all(v["passed"] for v in manifest["validation"]["ran"].values())
     genai = manifest["validation"]["genai"]  # onnxruntime-genai ran the decoder: same greedy tokens
     assert genai["passed"] and len(genai["streams"]) == 4 and all(1 <= s["tokens"] <= 24 for s in genai["streams"]), genai
-    for rel in ("portable.step.onnx", "portable.prefill.onnx", "opset27.step.onnx", "portable.decoder.onnx",
+    for rel in ("portable.step.onnx", "portable.prefill.onnx", "contrib.step.onnx", "contrib.decoder.onnx",
                 "weights.data", "genai_config.json", "tokenizer.json", "README.md",
                 "validation/portable.json", "validation/portable_drift.png"):
         assert rel in manifest["files"], rel
@@ -82,7 +82,7 @@ def test_validate_golden_round_trip_and_reports(bundle, tmp_path):
 
 def test_assert_bundle_parity_runs_what_validate_runs(bundle):
     outcome = assert_bundle_parity(bundle, steps=16, long_steps=32, heldout=(2, 32), device="cpu")
-    assert outcome["passed"] and set(outcome["flavors"]) == {"portable", "opset27"}
+    assert outcome["passed"] and set(outcome["flavors"]) == {"contrib", "portable"}
     for entry in outcome["flavors"].values():  # both graphs of every flavor judged
         phases = entry["result"]["phases"]
         assert {"prefill", "handoff", "decode", "long_stream"} <= set(phases)
@@ -126,7 +126,7 @@ def test_bench_reports_every_runtime(bundle):
     result = CliRunner().invoke(main, ["bench", str(bundle), "--steps", "5", "--prompt-len", "16", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)["rows"]
-    assert [r["runtime"] for r in rows] == ["onnxruntime:portable", "onnxruntime:opset27", "torch"]
+    assert [r["runtime"] for r in rows] == ["onnxruntime:contrib", "onnxruntime:portable", "torch"]
     assert all(r["decode_ms"] > 0 and r["peak_rss_bytes"] > 0 and np.isfinite(r["prefill_tokens_per_s"]) for r in rows)
 
 

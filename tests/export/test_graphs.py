@@ -72,6 +72,7 @@ def check(sess, io, model, state, ids, kind, atol=1e-4):
     [
         ("portable", None),
         ("opset27", None),
+        ("contrib", None),
         ("tensorrt", "reference"),
         pytest.param("tensorrt", "kernels", marks=[pytest.mark.gpu, pytest.mark.skipif(
             not torch.cuda.is_available(), reason="the plugins' PTX needs a CUDA device")]),
@@ -111,7 +112,7 @@ def test_all_logits_prefill():
     np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("flavor", ["portable", "opset27", "tensorrt"])
+@pytest.mark.parametrize("flavor", ["portable", "opset27", "contrib", "tensorrt"])
 def test_export_is_deterministic_and_flavor_ops_are_as_declared(flavor):
     model = random_model(CONFIGS["mamba-g1"](), dtype=torch.float32)
     a, b = (build_graph(model, "prefill", flavor).SerializeToString() for _ in range(2))
@@ -123,6 +124,13 @@ def test_export_is_deterministic_and_flavor_ops_are_as_declared(flavor):
         assert opset <= 18 and not ops & {"LinearAttention", "CausalConvWithState", "Einsum", "Loop", "Scan"}
     elif flavor == "opset27":
         assert opset == 27 and {"LinearAttention", "CausalConvWithState"} <= ops
+    elif flavor == "contrib":  # onnxruntime's twins, C and B not expanded to the heads
+        step = build_graph(model, "step", flavor)
+        fused = [n for n in (*proto.graph.node, *step.graph.node) if n.domain == "com.microsoft"]
+        assert opset == 21 and {n.op_type for n in fused} == {"LinearAttention", "CausalConvWithState"}
+        assert "Conv" in ops and "CausalConvWithState" not in ops  # a prompt's conv: the faster plain Conv
+        heads = [{a.name: a.i for a in n.attribute} for n in fused if n.op_type == "LinearAttention"]
+        assert heads and all(h["q_num_heads"] == model.config.mamba.ngroups < h["kv_num_heads"] for h in heads)
     else:  # two plugin nodes per Mamba2 layer in prefill (one in the step), attributes as TensorRT's parser reads them
         step = build_graph(model, "step", flavor)
         for graph, names in ((proto, ("EdgeseqSSDChunkState", "EdgeseqSSDChunkScan")), (step, ("EdgeseqSSDStep",))):

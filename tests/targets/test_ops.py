@@ -222,7 +222,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(edgeseq.zoo, "load_model", refuse)
 
 
-def test_a_dynamic_int8_preset_on_tensorrt_is_refused_before_any_work(tmp_path, no_work):
+def test_an_onnxruntime_int8_preset_on_tensorrt_is_refused_before_any_work(tmp_path, no_work):
     text = (
         Path(get_target("jetson").path)
         .read_text()
@@ -235,7 +235,7 @@ def test_a_dynamic_int8_preset_on_tensorrt_is_refused_before_any_work(tmp_path, 
         main, ["export", "--target", str(mine), "--quant", "int8", "--width", "0.5", "-o", str(out)]
     )
     line = one_line_error(result)
-    assert "MatMulInteger" in line and 'int8_preset = "qdq-weight-only"' in line and "--quant fp16" in line
+    assert "MatMulNBits" in line and 'int8_preset = "qdq-weight-only"' in line and "--quant fp16" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my-jetson.toml"]
 
 

@@ -55,7 +55,7 @@ def test_weight_bytes_match_the_exported_graph(precision, tied):
     model = random_model(config, dtype=torch.float32)
     width = WidthSpec.parse("0.5")
     sub = extract(model, width).float()
-    graph = quantize_graph(build_graph(sub, "step", "portable"), QuantOptions(precision, int8_preset="avx2"))
+    graph = quantize_graph(build_graph(sub, "step", "portable"), QuantOptions(precision, int8_preset="avx2"), tied)
     stored = sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in graph.graph.initializer)  # int4 packed
     predicted = footprint(config, resolve(config, width)).weight_bytes(precision)
     # graph constants (shapes, masks, eps) come on top of the weights; a few percent at this tiny size

@@ -11,6 +11,8 @@ the same basic-op graph:
 - ``opset27``: the standard ``CausalConvWithState`` and ``LinearAttention``
   (update_rule "gated"): query = C, key = B, value = dt*x, decay = dt*A (log space),
   state (b, h, n, p), scale 1.
+- ``contrib``: the same two ops from onnxruntime's ``com.microsoft`` domain, C and B
+  shared per group instead of expanded to every head.
 - ``tensorrt``: TensorRT plugin nodes (op type = plugin name, the flavor's
   ``plugin_attrs``; contract in ``edgeseq.export.trt_plugins``), each one Triton kernel: the
   step's conv, dt and SSM as one ``EdgeseqSSDStep``; the prefill scan as
@@ -64,8 +66,10 @@ def lead(rank: int) -> tuple[int, ...]:
 def gated_norm(g, y: str, z: str, weight: str, groups: int, width: int, eps: float, rank: int) -> str:
     """RMSNorm(y * silu(z)) over ``groups`` groups of the last axis, times weight."""
     yz = g.op("Mul", y, g.silu(z))
+    if groups == 1:  # the plain RMSNorm pattern, which onnxruntime fuses into one node
+        return g.rmsnorm(yz, weight, eps)
     grouped = g.op("Reshape", yz, g.ints(*lead(rank), groups, width // groups))
-    ms = g.op("ReduceMean", g.op("Mul", grouped, grouped), g.ints(-1), keepdims=1)
+    ms = g.op("ReduceMean", g.op("Pow", grouped, g.const(2.0)), g.ints(-1), keepdims=1)
     normed = g.op("Div", grouped, g.op("Sqrt", g.op("Add", ms, g.const(eps))))
     return g.op("Mul", g.op("Reshape", normed, g.ints(*lead(rank), width)), weight)
 
@@ -184,24 +188,35 @@ class Portable:
 
 
 class Opset27(Portable):
+    domain = ""  # of the CausalConvWithState and LinearAttention nodes
+    shared_keys = False  # C and B stay one per group (the op shares them across heads); else expanded to heads
+
     def conv_step(self, g, x, past, weight, bias):
-        y, present = self.conv_prefill(g, g.op("Unsqueeze", x, g.ints(1)), past, weight, bias)
-        return g.op("Squeeze", y, g.ints(1)), present
+        """x [b,c] -> [b,c,1] (channels first, one position) -> the conv -> [b,c]."""
+        y, present = self._conv(g, g.op("Unsqueeze", x, g.ints(-1)), past, weight, bias)
+        return g.op("Squeeze", y, g.ints(-1)), present
 
     def conv_prefill(self, g, x, past, weight, bias):
-        inputs = [g.op("Transpose", x, perm=[0, 2, 1]), g.const(weight[:, None, :]), g.const(bias) if bias is not None else "", past]
-        y, present = g.op("CausalConvWithState", *inputs, outputs=2, activation="silu")
+        y, present = self._conv(g, g.op("Transpose", x, perm=[0, 2, 1]), past, weight, bias)
         return g.op("Transpose", y, perm=[0, 2, 1]), present
+
+    def _conv(self, g, x, past, weight, bias):
+        """x [b,c,t] channels first -> silu(conv) [b,c,t], present [b,c,k-1]."""
+        inputs = [x, g.const(weight[:, None, :]), g.const(bias) if bias is not None else "", past]
+        return g.op("CausalConvWithState", *inputs, outputs=2, activation="silu", domain=self.domain,
+                    output_dtype="float32" if self.domain else None)  # fmt: skip
 
     def _linear_attention(self, g, d: SSMDims, x, dt, A, B, C, D, past):
         """x [b,t,h,p], dt [b,t,h], B/C [b,t,g,n] -> y [b,t,h,p], present [b,h,n,p]."""
         H, N, P = d.heads, d.d_state, d.headdim
-        q = g.reshape(ssd_graph.heads_from_groups(g, C, d.groups, H, N, axis=2), 0, 0, H * N)
-        k = g.reshape(ssd_graph.heads_from_groups(g, B, d.groups, H, N, axis=2), 0, 0, H * N)
+        qk = d.groups if self.shared_keys else H
+        q, k = (g.reshape(M if self.shared_keys else ssd_graph.heads_from_groups(g, M, d.groups, H, N, axis=2),
+                          0, 0, qk * N) for M in (C, B))  # fmt: skip
         v = g.reshape(g.op("Mul", x, g.op("Unsqueeze", dt, g.ints(-1))), 0, 0, H * P)
         decay = g.op("Mul", dt, g.const(A))  # log-space decay per head
-        out, present = g.op("LinearAttention", q, k, v, past, decay, outputs=2, update_rule="gated",
-                            q_num_heads=H, kv_num_heads=H, scale=1.0, chunk_size=d.chunk)
+        out, present = g.op("LinearAttention", q, k, v, past, decay, outputs=2, update_rule="gated", domain=self.domain,
+                            output_dtype="float32" if self.domain else None,  # a custom domain: no type inference
+                            q_num_heads=qk, kv_num_heads=H, scale=1.0, chunk_size=d.chunk)  # fmt: skip
         y = g.op("Add", g.reshape(out, 0, 0, H, P), g.op("Mul", x, g.const(D.reshape(H, 1))))
         return y, present
 
@@ -245,4 +260,33 @@ class TensorRT(Portable):
         return y, final
 
 
-CORES = {"portable": Portable(), "opset27": Opset27(), "tensorrt": TensorRT()}  # by flavor name
+class Contrib(Opset27):
+    """onnxruntime's ``com.microsoft`` twins of the opset-27 ops (native kernels, where
+    onnxruntime runs the standard ones as their function bodies); LinearAttention takes C
+    and B once per group and shares them across that group's heads. The step's conv is
+    CausalConvWithState, a prompt's the portable Conv."""
+
+    domain = "com.microsoft"
+    shared_keys = True
+    # a prompt's conv as Concat + depthwise Conv + Slice: onnxruntime 1.32's CausalConvWithState
+    # kernel took 4x as long over [1, 1792, 512] on a 2-core EPYC (scripts/bench_peer_cpu.py's model)
+    conv_prefill = Portable.conv_prefill
+
+    def ssm_step(self, g, flavor, d: SSMDims, x, dt, A, B, C, D, past):
+        """x [b,h,p], dt [b,h], B/C [b,g,n] -> y [b,h,p], present: one token as T = 1,
+        reshaped straight into the op's packed [b, 1, heads*dim] inputs.
+
+            q, k = C, B -> [b,1,g*n]     v = x*dt -> [b,1,h*p]     decay = dt*A -> [b,1,h]
+            y = LinearAttention(...) -> [b,h,p] + D x
+        """
+        H, N, P, G = d.heads, d.d_state, d.headdim, d.groups
+        q, k = (g.reshape(M, 0, 1, G * N) for M in (C, B))
+        v = g.reshape(g.op("Mul", x, g.op("Unsqueeze", dt, g.ints(-1))), 0, 1, H * P)
+        decay = g.reshape(g.op("Mul", dt, g.const(A)), 0, 1, H)
+        out, present = g.op("LinearAttention", q, k, v, past, decay, outputs=2, update_rule="gated", domain=self.domain,
+                            output_dtype="float32", q_num_heads=G, kv_num_heads=H, scale=1.0, chunk_size=d.chunk)  # fmt: skip
+        g.in_place.append(past)  # the op alone reads it, each element before writing it: half the state traffic
+        return g.op("Add", g.reshape(out, 0, H, P), g.op("Mul", x, g.const(D.reshape(H, 1)))), present
+
+
+CORES = {"portable": Portable(), "opset27": Opset27(), "tensorrt": TensorRT(), "contrib": Contrib()}  # by flavor name

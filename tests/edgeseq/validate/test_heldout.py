@@ -45,3 +45,22 @@ def test_damaged_candidate_fails_and_says_why(model):
     assert not result
     assert any("KL" in f or "top-1" in f or "bits/byte" in f for f in result.failures())
     assert result.summary().startswith("FAIL")
+
+
+def test_several_candidates_on_one_reference_run_score_as_each_alone(model):
+    """``heldout_gates`` runs the reference once for every candidate; each result is the one
+    ``heldout_gate`` gives that candidate alone, the damaged one failing as it does alone."""
+    from edgeseq.validate.heldout import heldout_gates
+
+    io = graph_io(model.config, "step")
+    damaged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in damaged.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * p.std())
+    with TorchRunner(model, "step") as ref, TorchRunner(copy.deepcopy(model), "step") as same, \
+            TorchRunner(damaged, "step") as bad:  # fmt: skip
+        together = heldout_gates(ref, [same, bad], io, "int4", streams=3, tokens=24)
+        alone = [heldout_gate(ref, c, io, "int4", streams=3, tokens=24) for c in (same, bad)]
+    assert [r.to_dict() for r in together] == [r.to_dict() for r in alone]
+    assert together[0] and not together[1]
