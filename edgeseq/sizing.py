@@ -47,7 +47,7 @@ class Footprint:
 
     params: int  # every parameter, a tied embedding once
     matrix: int  # weights fed to MatMul (the head included, tied or not)
-    matrix_columns: int  # their output channels (int8 scales)
+    matrix_columns: int  # their output channels
     embedding: int  # the Gather table
     other: int  # 1-D and conv parameters, always fp32
     d_model: int
@@ -66,25 +66,37 @@ class Footprint:
 
     def weight_bytes(self, precision: str) -> int:
         """Bytes of the weights one graph stores."""
-        return _table_bytes(self.matrix, precision) + self._embedding_bytes(precision) + 4 * self.other
+        block = self.int8_block
+        return _table_bytes(self.matrix, precision, block) + self._embedding_bytes(precision) + 4 * self.other
 
     def _embedding_bytes(self, precision: str) -> int:
-        return 0 if self.tied and precision in ("int8", "int4") else _table_bytes(self.embedding, precision)
+        if self.tied and precision in ("int8", "int4"):
+            return 0
+        return _table_bytes(self.embedding, precision, self.int8_block)
+
+    @property
+    def int8_block(self) -> int:
+        """The int8 block: ``INT8_BLOCK`` halved until it divides every matrix's K (the head's is d_model)."""
+        ks = {self.d_model} | {k for layer in self.layer_matrices for k, _ in layer}
+        block = INT8_BLOCK
+        while block > 16 and any(k % block for k in ks):
+            block //= 2
+        return block
 
     def bytes_read_per_token(self, precision: str) -> int:
         """Weights a decode step reads: all but the embedding table, of which one row."""
         return (
             self.weight_bytes(precision)
             - self._embedding_bytes(precision)
-            + _table_bytes(self.d_model, precision)
+            + _table_bytes(self.d_model, precision, self.int8_block)
         )
 
 
-def _table_bytes(count: int, precision: str) -> int:
+def _table_bytes(count: int, precision: str, int8_block: int = INT8_BLOCK) -> int:
     if precision == "int4":
         return math.ceil(count / 2) + 4 * math.ceil(count / INT4_BLOCK)
     if precision == "int8":
-        return count + 4 * math.ceil(count / INT8_BLOCK)
+        return count + 4 * math.ceil(count / int8_block)
     rate = {"fp32": 4, "fp16": 2}.get(precision)
     if rate is None:
         raise EdgeseqError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")

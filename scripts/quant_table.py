@@ -30,13 +30,12 @@ def edgeseq(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def export_cell(model: str, width: str, precision: str, work: Path, threads: int, device: str,
-                validate: bool = True) -> dict:
+def export_cell(model: str, width: str, precision: str, work: Path, device: str, validate: bool = True) -> dict:
     out = work / f"{model}-w{width}-{precision}"
     if (out / "manifest.json").is_file():
         return {"output": str(out), "manifest": json.loads((out / "manifest.json").read_text())}
     return edgeseq("export", "--model", model, "--target", "x86", "--flavor", "portable", "--width", width,
-                   "--quant", precision, "-o", str(out), "--overwrite", "--threads", str(threads), "--device", device,
+                   "--quant", precision, "-o", str(out), "--overwrite", "--device", device,
                    *([] if validate else ["--no-validate"]))
 
 
@@ -87,7 +86,7 @@ def main() -> None:
     ap.add_argument("--widths", default="1,0.5,0.25")
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/edgeseq_quant_table")
-    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1, help="exports at once (validation already keeps two cores busy)")
     ap.add_argument("--bench-threads", type=int, default=2)
     ap.add_argument("--bench-steps", type=int, default=400)
     ap.add_argument("--no-bench", action="store_true")
@@ -102,8 +101,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cells = [(w, p) for w in args.widths.split(",") for p in PRECISIONS]
     with ThreadPoolExecutor(args.jobs) as pool:  # each export is its own process
-        docs = list(pool.map(lambda c: export_cell(args.model, *c, work, args.bench_threads, args.device,
-                                                   validated is None), cells))
+        docs = list(pool.map(lambda c: export_cell(args.model, *c, work, args.device, validated is None), cells))
     rows = []
     for (width, precision), doc in zip(cells, docs):  # benchmarks one at a time: nothing else on the cores
         bench = None

@@ -60,18 +60,23 @@ def logits(model, ids: torch.Tensor, width=None) -> torch.Tensor:
 
 def expected_bytes(module: torch.nn.Module) -> dict[str, int]:
     """Weight bytes as one exported graph stores them (docs/quantization.md): projections and
-    the head (a tied one stored again) are MatMul matrices — int8 1 B + 5 B per output
-    channel, int4 0.5 B + 4 B per 32 —, the embedding a Gather table (fp32 at int8), the
-    rest fp32."""
+    the head (a tied one stored again at fp32/fp16) are MatMul matrices — int8 1 B + 4 B per
+    block of 128 along K (halved until it divides every K), int4 0.5 B + 4 B per 32 —, the
+    embedding a Gather table (at int8/int4 the head's blocks when tied), the rest fp32."""
     named = dict(module.named_parameters())
     table = named["embedding.weight"]
+    tied = "lm_head.weight" not in named
     projections = [p for n, p in named.items() if p.dim() == 2 and n not in ("embedding.weight", "lm_head.weight")]
     matrix = sum(p.numel() for p in projections) + table.numel()
-    columns = sum(p.shape[0] for p in projections) + table.shape[0]
     other = sum(p.numel() for n, p in named.items() if p.dim() != 2)
+    block = 128
+    while any(k % block for k in {p.shape[1] for p in projections} | {table.shape[1]}):
+        block //= 2
+    q8 = lambda n: n + 4 * math.ceil(n / block)  # noqa: E731
     q4 = lambda n: math.ceil(n / 2) + 4 * math.ceil(n / 32)  # noqa: E731
     return {"fp32": 4 * (matrix + table.numel() + other), "fp16": 2 * (matrix + table.numel()) + 4 * other,
-            "int8": matrix + 5 * columns + 4 * table.numel() + 4 * other, "int4": q4(matrix) + q4(table.numel()) + 4 * other}
+            "int8": q8(matrix) + (0 if tied else q8(table.numel())) + 4 * other,
+            "int4": q4(matrix) + (0 if tied else q4(table.numel())) + 4 * other}
 
 
 # ---- inspect ---------------------------------------------------------------------------
