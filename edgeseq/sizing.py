@@ -47,7 +47,6 @@ class Footprint:
 
     params: int  # every parameter, a tied embedding once
     matrix: int  # weights fed to MatMul (the head included, tied or not)
-    matrix_columns: int  # their output channels
     embedding: int  # the Gather table
     other: int  # 1-D and conv parameters, always fp32
     d_model: int
@@ -107,7 +106,7 @@ def footprint(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> Footprint:
     """Counted from the kinds' parameter shapes at ``widths``."""
     d, vocab = config.d_model, config.vocab_size
     embedding = vocab * d
-    matrix, columns, other = vocab * d, vocab, d  # the head ([d, vocab] as a MatMul) and norm_f
+    matrix, other = vocab * d, d  # the head ([d, vocab] as a MatMul) and norm_f
     params = embedding + d + (0 if config.tie_embeddings else vocab * d)
     layers = []
     for i, (spec, w) in enumerate(zip(config.layers, widths)):
@@ -122,12 +121,12 @@ def footprint(config: ModelConfig, widths: tuple[LayerWidth, ...]) -> Footprint:
                 params += n
                 if name in matrices:
                     out = n // shape[-1]  # stored [out, in] like nn.Linear (3-D experts: [e, out, in])
-                    matrix, columns = matrix + n, columns + out
+                    matrix += n
                     shapes.append((shape[-1], out))
                 else:
                     other += n
         layers.append(tuple(shapes))
-    return Footprint(params, matrix, columns, embedding, other, d, tuple(layers), config.tie_embeddings)
+    return Footprint(params, matrix, embedding, other, d, tuple(layers), config.tie_embeddings)
 
 
 def state_bytes(config: ModelConfig, widths: tuple[LayerWidth, ...], dtype: Any = "float32") -> int:

@@ -83,7 +83,7 @@ def _rows_from_blocks(model: onnx.ModelProto, gather: str, packed: onnx.NodeProt
         return model
     scales_3d, shape = f"{packed.input[2]}_rows", f"{packed.input[2]}_rows_shape"
     model.graph.initializer.append(numpy_helper.from_array(np.array([attrs["N"], k // block, 1], np.int64), shape))
-    new_nodes = []
+    new_nodes, tables = [], set()
     for node in model.graph.node:
         if node.name != gather:
             new_nodes.append(node)
@@ -99,31 +99,28 @@ def _rows_from_blocks(model: onnx.ModelProto, gather: str, packed: onnx.NodeProt
             helper.make_node("Reshape", [f"{n}_blocks", f"{n}_shape"], [out], name=f"{n}_rows"),
         ]  # fmt: skip
         model.graph.initializer.append(numpy_helper.from_array(np.array([k], np.int64), f"{n}_k"))
-        model = _drop_initializer(model, table)
+        tables.add(table)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
+    model = _drop_unread(model, tables)
     if not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
     return model
 
 
-def _drop_initializer(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    if not any(name in n.input for n in model.graph.node if n.op_type != "Gather" or n.input[0] != name):
-        kept = [t for t in model.graph.initializer if t.name != name]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
+def _drop_unread(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """Remove the initializers among ``names`` that no node reads any more."""
+    read = {i for n in model.graph.node for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name not in names or t.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     return model
 
 
 def _drop_nodes(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     """Remove nodes ``names`` and the initializers only they read."""
-    dropped = [n for n in model.graph.node if n.name in names]
+    dropped = {i for n in model.graph.node if n.name in names for i in n.input}
     kept = [n for n in model.graph.node if n.name not in names]
-    used = {i for n in kept for i in n.input}
-    orphans = {i for n in dropped for i in n.input} - used
     del model.graph.node[:]
     model.graph.node.extend(kept)
-    inits = [t for t in model.graph.initializer if t.name not in orphans]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
-    return model
+    return _drop_unread(model, dropped)
