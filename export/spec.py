@@ -145,6 +145,24 @@ class Tolerance:
         """The limits a prefill graph is held to against the same bundle's step graph."""
         return replace(self, prefill_logit=self.handoff_logit, prefill_state=self.handoff_state)
 
+    def beside_rounding(self, logit: float, state: float) -> Tolerance:
+        """These limits, raised where the fp32 reference itself sits further from fp64 on
+        the same inputs (``logit``: its max abs logit distance; ``state``: its largest
+        relative L2 state distance): to ``ROUNDING_RATIO`` x that distance. A candidate
+        as close to fp64 as DRIFT_RATIO x the reference is within (DRIFT_RATIO + 1) x of
+        the reference. Never lowers a limit; a non-finite distance raises none."""
+
+        def raised(limit: float | None, distance: float) -> float | None:
+            if limit is None or not math.isfinite(distance):
+                return limit
+            return max(limit, ROUNDING_RATIO * distance)
+
+        return replace(
+            self, max_abs_logit=raised(self.max_abs_logit, logit), prefill_logit=raised(self.prefill_logit, logit),
+            handoff_logit=raised(self.handoff_logit, logit), prefill_state=raised(self.prefill_state, state),
+            handoff_state=raised(self.handoff_state, state),
+        )  # fmt: skip
+
 
 # Prefill and handoff limits: about 3x the worst of the shipped models (mamba2-tiny,
 # hybrid-tiny) at widths 1 and 1/4, flavors portable and opset27, four held-out prompts of
@@ -157,12 +175,15 @@ class Tolerance:
 #       int8      0.78     / 0.094              0.60   / 0.090   (activations quantized per call:
 #       int4      1.62     / 0.21               0.12   / 0.012    a prompt and a token differ)
 #
+# fp16's handoff logit limit is also at least 4 units in the last place of a logit near
+# 16-32 (1/64 each): a 50k-row fp16 head over random weights reaches 0.026 by one rounding
+# order against the other (matmamba-lm at width 1, seven seeds: 0.006-0.026).
 # A graph with one weight's rows shuffled misses these by far more (scripts/mutation_matrix.py).
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs_logit=1e-4, top1_agreement=1.0, kl=1e-6, drift=1e-4, bpb_delta=1e-4,
                       prefill_logit=1e-4, prefill_state=1e-5, handoff_logit=1e-4, handoff_state=1e-5),
     "fp16": Tolerance(max_abs_logit=None, top1_agreement=0.98, kl=1e-3, drift=None, bpb_delta=0.005, held_out_only=True,
-                      prefill_logit=0.3, prefill_state=0.08, handoff_logit=0.02, handoff_state=0.01),
+                      prefill_logit=0.3, prefill_state=0.08, handoff_logit=0.0625, handoff_state=0.01),
     "int8": Tolerance(max_abs_logit=None, top1_agreement=0.95, kl=0.01, drift=None, bpb_delta=0.02, held_out_only=True,
                       prefill_logit=2.5, prefill_state=0.3, handoff_logit=2.0, handoff_state=0.3),
     "int4": Tolerance(max_abs_logit=None, top1_agreement=0.90, kl=0.03, drift=None, bpb_delta=0.05, held_out_only=True,
@@ -198,6 +219,13 @@ TOLERANCES: dict[str, Tolerance] = {
 # where it was, only now against the exact model.
 DRIFT_RATIO = 4.0
 DRIFT_FLOOR = 1e-4
+# ROUNDING_RATIO: fp32 limits against the fp32 reference are absolute (1e-4 on logits,
+# 1e-5 on states), right for models of a few million weights; at 130M (24 layers, a 50k
+# head) the reference alone sits 2e-4 to 8e-4 from fp64 on a prompt's last logits and a
+# correct graph 5e-4 to 8e-4 from the reference. Where an fp64 oracle runs, a phase's limits
+# rise to ROUNDING_RATIO x the reference's own distance from fp64 on the same inputs
+# (``Tolerance.beside_rounding``): the drift rule's room, read against the reference.
+ROUNDING_RATIO = DRIFT_RATIO + 1
 
 
 def drift_limit(reference_distance: float) -> float:

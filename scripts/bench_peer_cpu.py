@@ -7,9 +7,9 @@ F32 / Q8_0 / Q4_0 GGUF files, plus ``llama-bench``. Per precision (edgeseq / lla
     edgeseq    ``edgeseq export --target x86 --width 1 --quant P --no-validate`` of the
                checkpoint (``--flavor``, default the target's first), then through
                ``StreamingSession`` (what an app calls): decode = greedy steps with the
-               state fed back, best of ``--reps`` x ``--tokens``; prefill = one
-               ``--prompt``-token prompt from a fresh state, best of ``--reps``
-    llama.cpp  ``llama-bench -t T -p PROMPT -n TOKENS -r REPS`` (its mean tok/s)
+               state fed back, best of ``--reps`` x ``--tokens``; prefill = one prompt
+               of each ``--prompts`` length from a fresh state, best of ``--reps``
+    llama.cpp  ``llama-bench -t T -p P1,P2,.. -n TOKENS -r REPS`` (its mean tok/s)
     roofline   what decode would reach if a step only streamed its bytes through memory
                at the bandwidth measured here (a 2-thread read of 1 GiB): the step graph's
                weights once (a tied table counted once) plus the state read and written
@@ -83,37 +83,39 @@ def step_bytes(bundle: Path, flavor: str) -> tuple[int, int]:
     return weights, 2 * state
 
 
-def edgeseq_speed(bundle: Path, flavor: str | None, threads: int, tokens: int, prompt: int, reps: int) -> dict:
+def edgeseq_speed(bundle: Path, flavor: str | None, threads: int, tokens: int, prompts: list[int], reps: int) -> dict:
     from edgeseq.runtimes.session import StreamingSession
 
     rng = np.random.default_rng(0)
     with StreamingSession.from_bundle(bundle, flavor=flavor, threads=threads) as session:
         vocab = session.vocab_size
-        ids = rng.integers(0, vocab, prompt)
-        prefill, decode = [], []
+        prefill: dict[int, list[float]] = {n: [] for n in prompts}
+        decode = []
         for _ in range(reps):
-            session.reset()
-            t0 = time.perf_counter()
-            logits = session.prefill(ids)
-            prefill.append(prompt / (time.perf_counter() - t0))
+            for n in prompts:
+                ids = rng.integers(0, vocab, n)
+                session.reset()
+                t0 = time.perf_counter()
+                logits = session.prefill(ids)
+                prefill[n].append(n / (time.perf_counter() - t0))
             token = int(np.argmax(logits))
             t0 = time.perf_counter()
             for _ in range(tokens):
                 token = int(np.argmax(session.step(token)))
             decode.append(tokens / (time.perf_counter() - t0))
         used = session.flavor
-    return {"decode_tok_s": max(decode), "prefill_tok_s": max(prefill), "flavor": used,
+    return {"decode_tok_s": max(decode), "prefill_tok_s": {n: max(v) for n, v in prefill.items()}, "flavor": used,
             "decode_all": decode, "prefill_all": prefill}  # fmt: skip
 
 
-def llama_speed(llama_bench: Path, gguf: Path, threads: int, tokens: int, prompt: int, reps: int) -> dict:
-    cmd = [str(llama_bench), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(tokens), "-r", str(reps),
-           "-o", "json"]  # fmt: skip
+def llama_speed(llama_bench: Path, gguf: Path, threads: int, tokens: int, prompts: list[int], reps: int) -> dict:
+    cmd = [str(llama_bench), "-m", str(gguf), "-t", str(threads), "-p", ",".join(map(str, prompts)), "-n", str(tokens),
+           "-r", str(reps), "-o", "json"]  # fmt: skip
     rows = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     decode = next(r for r in rows if r["n_gen"] > 0)
-    prefill = next(r for r in rows if r["n_prompt"] > 0)
-    return {"decode_tok_s": decode["avg_ts"], "prefill_tok_s": prefill["avg_ts"],
-            "decode_sd": decode["stddev_ts"], "prefill_sd": prefill["stddev_ts"]}  # fmt: skip
+    prefill = {r["n_prompt"]: r for r in rows if r["n_prompt"] > 0}
+    return {"decode_tok_s": decode["avg_ts"], "prefill_tok_s": {n: prefill[n]["avg_ts"] for n in prompts},
+            "decode_sd": decode["stddev_ts"], "prefill_sd": {n: prefill[n]["stddev_ts"] for n in prompts}}  # fmt: skip
 
 
 def dir_bytes(path: Path) -> int:
@@ -130,7 +132,8 @@ def main() -> None:
     ap.add_argument("--int4-block-size", type=int, default=32, help="weights per int4 scale (the export default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--prompt", type=int, default=512, help="the prompt length of the main table")
+    ap.add_argument("--prompts", default="64,512,4096", help="prompt lengths of the prefill table")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-llama", action="store_true", help="edgeseq only (quick checks)")
     ap.add_argument("--out", type=Path, default=Path("scripts/results/bench_peer_cpu.json"))
@@ -142,21 +145,23 @@ def main() -> None:
 
     checkpoint = args.anchor / "mamba2-130m"
     bw = bandwidth_gbs(args.threads)
+    prompts = sorted({args.prompt, *map(int, args.prompts.split(","))})
     rows = []
     for precision in args.precisions.split(","):
         block = f"-b{args.int4_block_size}" if precision == "int4" else ""
         bundle = args.bundles / f"{precision}{block}-{args.flavor or 'default'}"
         export(checkpoint, bundle, precision, args.flavor, args.int4_block_size)
         gguf = args.anchor / f"mamba2-130m-{PRECISIONS[precision]}.gguf"
-        ours = edgeseq_speed(bundle, args.flavor, args.threads, args.tokens, args.prompt, args.reps)
-        peer = None if args.skip_llama else llama_speed(args.llama_bench, gguf, args.threads, args.tokens, args.prompt,
+        ours = edgeseq_speed(bundle, args.flavor, args.threads, args.tokens, prompts, args.reps)
+        peer = None if args.skip_llama else llama_speed(args.llama_bench, gguf, args.threads, args.tokens, prompts,
                                                         args.reps)  # fmt: skip
         weights, state = step_bytes(bundle, ours["flavor"])
         roofline = bw * 1e9 / (weights + state)
         rows.append({
             "precision": precision, "gguf": gguf.name, "edgeseq": ours, "llama_cpp": peer,
             "decode_ratio": peer and ours["decode_tok_s"] / peer["decode_tok_s"],
-            "prefill_ratio": peer and ours["prefill_tok_s"] / peer["prefill_tok_s"],
+            "prefill_ratio": peer and ours["prefill_tok_s"][args.prompt] / peer["prefill_tok_s"][args.prompt],
+            "prefill_ratios": {n: peer and ours["prefill_tok_s"][n] / peer["prefill_tok_s"][n] for n in prompts},
             "step_weight_bytes": weights, "step_state_bytes": state, "roofline_tok_s": roofline,
             "decode_vs_roofline": ours["decode_tok_s"] / roofline,
             "bundle_bytes": dir_bytes(bundle), "gguf_bytes": gguf.stat().st_size,
@@ -173,11 +178,20 @@ def main() -> None:
         table.add_row(
             f"{r['precision']} / {PRECISIONS[r['precision']]}", f"{e['decode_tok_s']:.1f}",
             f"{p.get('decode_tok_s', float('nan')):.1f}", f"{r['decode_ratio'] or float('nan'):.2f}",
-            f"{r['roofline_tok_s']:.0f}", f"{r['decode_vs_roofline']:.2f}", f"{e['prefill_tok_s']:.0f}",
-            f"{p.get('prefill_tok_s', float('nan')):.0f}", f"{r['prefill_ratio'] or float('nan'):.2f}",
+            f"{r['roofline_tok_s']:.0f}", f"{r['decode_vs_roofline']:.2f}", f"{e['prefill_tok_s'][args.prompt]:.0f}",
+            f"{p.get('prefill_tok_s', {}).get(args.prompt, float('nan')):.0f}", f"{r['prefill_ratio'] or float('nan'):.2f}",
             f"{r['bundle_bytes'] / MiB:.1f} / {r['gguf_bytes'] / MiB:.1f} ({r['size_ratio']:.2f}×)",
         )  # fmt: skip
     Console(width=200).print(table)
+    sweep = Table(title="prefill tok/s by prompt length: edgeseq / llama.cpp (×)")
+    sweep.add_column("precision")
+    for n in prompts:
+        sweep.add_column(f"{n} tokens", justify="right")
+    for r in rows:
+        e, p = r["edgeseq"]["prefill_tok_s"], (r["llama_cpp"] or {}).get("prefill_tok_s", {})
+        sweep.add_row(r["precision"], *(f"{e[n]:.0f} / {p.get(n, float('nan')):.0f} ({r['prefill_ratios'][n] or float('nan'):.2f}×)"
+                                        for n in prompts))  # fmt: skip
+    Console(width=200).print(sweep)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     build = args.llama_bench.parent / "BUILD_INFO.txt"
     args.out.write_text(json.dumps({

@@ -44,6 +44,7 @@ from edgeseq.deploy.progress import Progress
 from edgeseq.deploy.runtimes import runnable_here, why_not_here
 from edgeseq.deploy.validation import (
     ValidationFailedError,
+    handoff_limit,
     reference_model,
     resolve_device,
     validate_flavors,
@@ -244,10 +245,11 @@ def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: d
             plot_drift(result.compare, tmp / "validation" / f"{flavor}_drift.png")
             validation["ran"][flavor] = {**result.to_dict(), "reference": device}
             if not result:
-                raise ValidationFailedError(f"{flavor} graphs fail validation: {result.summary()}; nothing was written")
+                raise ValidationFailedError(f"{flavor} graphs fail validation: {result.brief()}; nothing was written")
     if req.validate:
         progress("validate", "through onnxruntime-genai, greedy against the bundle's own graphs")
-        genai = check_genai(tmp, manifest, validation_prompts(model.config, req.prompts), min(req.steps, GENAI_STEPS))
+        genai = check_genai(tmp, manifest, validation_prompts(model.config, req.prompts), min(req.steps, GENAI_STEPS),
+                            handoff_limit(precision, results))
         validation["genai"] = genai.to_dict()
         if not genai:
             raise ValidationFailedError(f"{genai.summary()}; nothing was written")

@@ -21,7 +21,7 @@ from edgeseq.deploy.bundle import bundle_tokenizer, read_manifest
 from edgeseq.deploy.progress import CallProgress
 from edgeseq.deploy.runtimes import Placement, open_runner, runnable_here, why_not_here
 from edgeseq.errors import EdgeseqError
-from edgeseq.export.spec import GraphIO
+from edgeseq.export.spec import TOLERANCES, GraphIO
 
 VALIDATION_THREADS = 1  # per runtime, unless asked (``set_torch_threads`` says why)
 
@@ -140,6 +140,12 @@ class FlavorValidation:
         if self.heldout is not None:
             parts.append(self.heldout.summary())
         return "; ".join(parts)
+
+    def brief(self) -> str:
+        """One line for an error: the comparison's first failures, else the held-out verdict."""
+        if not self.compare:
+            return self.compare.brief()
+        return self.heldout.summary() if self.heldout is not None else self.compare.brief()
 
     def to_dict(self) -> dict:
         return {"passed": bool(self), "summary": self.summary(),
@@ -334,15 +340,27 @@ def run_validation(bundle, flavor, steps, long_steps, device, report, plot, save
     for f, result in results.items():
         _record(outcome, f, result, result.compare, result.to_dict()["heldout"])
         _write_outputs(result.compare, f, report, plot, len(runnable) > 1)
-    _check_genai(outcome, bundle, manifest, validation_prompts(model.config, 4), steps)
+    _check_genai(outcome, bundle, manifest, validation_prompts(model.config, 4), steps, handoff_limit(precision, results))
     return outcome
 
 
-def _check_genai(outcome: dict, bundle: Path, manifest: dict, prompts: list[np.ndarray], steps: int) -> None:
+def handoff_limit(precision: str, results: dict[str, FlavorValidation]) -> float | None:
+    """The precision's ``handoff_logit`` raised by the largest rounding the reference showed
+    against fp64 in ``results`` (``Tolerance.beside_rounding``): the limit for two runs of
+    the bundle's own graphs, as onnxruntime-genai's check holds them."""
+    tol = TOLERANCES[precision]
+    for result in results.values():
+        if rounding := result.compare.settings.get("rounding"):
+            tol = tol.beside_rounding(rounding["logit"], rounding["state"])
+    return tol.handoff_logit
+
+
+def _check_genai(outcome: dict, bundle: Path, manifest: dict, prompts: list[np.ndarray], steps: int,
+                 tolerance: float | None = None) -> None:  # fmt: skip
     """The bundle through onnxruntime-genai (``edgeseq.deploy.genai_check``), into the outcome."""
     from edgeseq.deploy.genai_check import STEPS, check_genai
 
-    check = check_genai(bundle, manifest, prompts, min(steps, STEPS))
+    check = check_genai(bundle, manifest, prompts, min(steps, STEPS), tolerance)
     outcome["genai"] = check.to_dict()
     outcome["passed"] &= bool(check)
 

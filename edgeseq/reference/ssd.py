@@ -62,7 +62,7 @@ def ssd_scan_ref(
     """
     b, l, h, p = X.shape
     n = B.size(-1)
-    q = chunk_size
+    q = min(chunk_size, max(l, 1))  # a call shorter than a chunk is one chunk of its length, not padded
     pad = (-l) % q
     # 0. pad to whole chunks with dt = 0: no decay and no input, the state passes through
     if pad:

@@ -12,6 +12,12 @@ compare every output at every call.
                  oracle when one is given (``export.spec.drift_within``), else against
                  the reference
 
+Given an fp64 oracle that takes chunks (``compare_each``), the reference's own distance
+from fp64 on the prompts (``reference_rounding``) and on the decode stream raises those
+phases' limits to what rounding at the model's size explains
+(``export.spec.Tolerance.beside_rounding``): absolute fp32 limits set on models of a few
+million weights would fail a correct 130M graph.
+
 One decode step i, the state fed back per ``GraphIO.state_pairs``:
 
     t_i --+--> reference.infer(input_ids=t_i, past.* = ref present.*(i-1))   --> ref_i  --+
@@ -35,10 +41,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from edgeseq.export.spec import GraphIO, Tolerance
+from edgeseq.validate.metrics import abs_error
 from edgeseq.validate.results import (  # noqa: F401  (re-exported: one import site for users)
     LOGITS,
     PHASE_CHECKS,
@@ -59,6 +67,7 @@ from edgeseq.validate.streams import (  # noqa: F401  (re-exported, as above)
     Record,
     Runner,
     as_tokens,
+    in_dtypes_of,
     infer_arrays,
     last_call,
     random_prompts,
@@ -128,6 +137,27 @@ def compare_handoff(
         if not comparison.add(stepped, whole):
             break
     return comparison.result(tol.handoff())
+
+
+def reference_rounding(reference: Runner, oracle: Runner, io: GraphIO, prompts: Sequence[np.ndarray]) -> tuple[float, float]:
+    """How far the reference's prefill of each prompt (from the zero state, taken whole)
+    sits from the fp64 ``oracle``'s (``takes_chunks``): (max abs distance of the last
+    logits, largest relative L2 distance of a state), over all prompts."""
+    logit = state = 0.0
+    for prompt in map(as_tokens, prompts):
+        if not takes_whole_prompt(io, prompt.shape[1]):
+            continue
+        zeros = zero_state(io, prompt.shape[0])
+        ref = infer_arrays(reference, {**token_feeds(io, prompt), **zeros})
+        fp64 = infer_arrays(oracle, {**token_feeds(oracle.io, prompt), **in_dtypes_of(oracle, zeros)})  # type: ignore[attr-defined]
+        last = [x[:, -1] if x.ndim == 3 else x for x in (ref[LOGITS], fp64[LOGITS])]
+        logit = max(logit, float(abs_error(last[1], last[0]).max(initial=0.0)))
+        for _, present in io.state_pairs:
+            exact = fp64[present].astype(np.float64)
+            norm = float(np.linalg.norm(exact))
+            if norm > 0:
+                state = max(state, float(np.linalg.norm(ref[present].astype(np.float64) - exact)) / norm)
+    return logit, state
 
 
 def compare_decode(
@@ -210,6 +240,7 @@ def compare(
     state_rel_l2: float | None = None,
     reference_device: str | None = None,
     oracle: Runner | None = None,
+    rounding: tuple[float, float] | None = None,
 ) -> CompareResult:
     """Every phase: prefill on ``prompts`` (random ones from ``seed`` when None; () skips
     it; with separate prefill graphs also the handoff from prefill to step graph),
@@ -220,7 +251,9 @@ def compare(
     io: the graph's I/O, by default ``reference.io``. prefill: (reference, candidate, io)
     of separate prefill graphs; by default the same runners take the prompts, whole or
     token by token. oracle: the step model in fp64, which judges the long stream's drift
-    (``compare_long_stream``); the other phases do not run it.
+    (``compare_long_stream``); one that takes chunks also measures the reference's distance
+    from fp64 on the prompts (``reference_rounding``, unless ``rounding`` gives it), which
+    raises the prefill and handoff limits (``Tolerance.beside_rounding``).
     """
     io = io if io is not None else reference.io  # type: ignore[attr-defined]
     precision, tol = resolve_tolerance(tolerance)
@@ -243,11 +276,15 @@ def compare(
         },
     )
     if prompts:
+        if rounding is None and oracle is not None and takes_chunks(oracle):
+            rounding = reference_rounding(pre_ref, oracle, pre_io, prompts)
+        pre_tol = tol if rounding is None else tol.beside_rounding(*rounding)
+        result.settings["rounding"] = None if rounding is None else {"logit": rounding[0], "state": rounding[1]}
         result.phases["prefill"] = compare_prefill(
-            pre_ref, pre_cand, pre_io, prompts, tolerance=tol, state_rel_l2=state_rel_l2
+            pre_ref, pre_cand, pre_io, prompts, tolerance=pre_tol, state_rel_l2=state_rel_l2
         )
         if prefill is not None and pre_cand is not candidate:
-            result.phases["handoff"] = compare_handoff(pre_cand, candidate, pre_io, io, prompts, tolerance=tol)
+            result.phases["handoff"] = compare_handoff(pre_cand, candidate, pre_io, io, prompts, tolerance=pre_tol)
     if steps:
         result.phases["decode"] = compare_decode(
             reference, candidate, io, steps, tolerance=tol, tokens=tokens, seed=seed, state_rel_l2=state_rel_l2
@@ -284,14 +321,22 @@ def compare_each(
     io = io if io is not None else reference.io  # type: ignore[attr-defined]
     _, tol = resolve_tolerance(tolerance)
     by_one = oracle is not None and long_steps and not takes_chunks(oracle)
-    results = []
-    for i, candidate in enumerate(candidates):
+    rounding = None
+    if prompts and oracle is not None and takes_chunks(oracle):  # once for all candidates
+        rounding = reference_rounding(*(prefill[0], oracle, prefill[2]) if prefill else (reference, oracle, io), prompts)
+
+    def one(i: int) -> CompareResult:
         own = None if prefill is None else (prefill[0], prefill[1][i], prefill[2])
-        results.append(compare(reference, candidate, io, tolerance=tolerance, prompts=prompts,
-                               steps=steps if by_one else 0, long_steps=long_steps if by_one else 0, seed=seed,
-                               tokens=tokens, prefill=own, state_rel_l2=state_rel_l2,
-                               reference_device=reference_device, oracle=oracle))  # fmt: skip
-        results[-1].settings |= {"steps": steps, "long_steps": long_steps}
+        result = compare(reference, candidates[i], io, tolerance=tolerance, prompts=prompts,
+                         steps=steps if by_one else 0, long_steps=long_steps if by_one else 0, seed=seed,
+                         tokens=tokens, prefill=own, state_rel_l2=state_rel_l2,
+                         reference_device=reference_device, oracle=oracle, rounding=rounding)  # fmt: skip
+        result.settings |= {"steps": steps, "long_steps": long_steps}
+        return result
+
+    # prompts and handoff, one thread per candidate: a handoff feeds long prompts token by token
+    with ThreadPoolExecutor(max_workers=max(1, len(candidates))) as pool:
+        results = list(pool.map(one, range(len(candidates))))
     if by_one:
         return results
     for phase, n, start in (("decode", steps, seed), ("long_stream", long_steps, seed + 1)):
@@ -299,7 +344,7 @@ def compare_each(
             continue
         comparisons = [Comparison(phase, _names(io)) for _ in candidates]
         first = _first_tokens(io, tokens, start)
-        if phase == "long_stream" and oracle is not None:
+        if oracle is not None:  # both streams follow fp64's greedy choice; decode's limits rise by its rounding
             run_verified_stream(reference, candidates, io, n, comparisons, tokens=first, oracle=oracle)
         else:
             run_lockstep_stream(reference, candidates, io, n, comparisons, tokens=first)

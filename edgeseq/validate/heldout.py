@@ -17,13 +17,16 @@ means about the same for every vocabulary; for bytes, every target is one byte a
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 
 from edgeseq.export.spec import TOLERANCES, GraphIO
 from edgeseq.validate.compare import infer_arrays, token_feeds, zero_state
 from edgeseq.validate.metrics import kl_per_row, log_softmax, top1_matches
+from edgeseq.validate.streams import beside
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,10 @@ def heldout_gates(reference, candidates, io: GraphIO, precision: str, streams: i
 
     def call(kind: str, ids: np.ndarray, target: np.ndarray) -> None:
         runners, graph_io = graphs[kind]
+        runs = [partial(infer_arrays, runner, {**token_feeds(graph_io, ids.copy()), **states[side]})
+                for side, runner in enumerate(runners)]  # fmt: skip
         logits = []
-        for side, runner in enumerate(runners):
-            out = infer_arrays(runner, {**token_feeds(graph_io, ids), **states[side]})
+        for side, out in enumerate(beside(pool, runs[0], runs[1:])):  # the reference beside the candidates
             last = out["logits"][:, -1] if out["logits"].ndim == 3 else out["logits"]  # [S, V]
             logits.append(last)
             nats[side] -= float(np.sum(log_softmax(last)[rows, target]))
@@ -158,12 +162,13 @@ def heldout_gates(reference, candidates, io: GraphIO, precision: str, streams: i
             kl = float(np.sum(kl_per_row(logits[0], theirs)))
             score.add(kl, int(np.count_nonzero(top1_matches(logits[0], theirs))), streams, kind == "prefill")
 
-    for kind, start, end in feeding_plan(tokens, prefill is not None):
-        if kind == "prefill":
-            call(kind, windows[:, start:end], windows[:, end])
-        else:
-            for t in range(start, end):
-                call(kind, windows[:, t : t + 1], windows[:, t + 1])
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for kind, start, end in feeding_plan(tokens, prefill is not None):
+            if kind == "prefill":
+                call(kind, windows[:, start:end], windows[:, end])
+            else:
+                for t in range(start, end):
+                    call(kind, windows[:, t : t + 1], windows[:, t + 1])
     n = scores[0].n
     bits = [nats[side] / n / math.log(2) / bytes_per_token for side in range(sides)]
     return [HeldoutResult(bits[0], bits[side], score.hits / n, score.kl / n, n, precision,

@@ -21,6 +21,10 @@ What is judged, per phase (``PHASE_CHECKS``):
   every phase:              every output present, shapes equal, no stray non-finite values,
                             integer outputs (present.position) exactly equal,
                             float states rel L2 <= state_rel_l2 when one is given
+  beside an fp64 oracle:    the limits of a phase whose calls the oracle also ran rise to
+                            ``ROUNDING_RATIO`` x the fp32 reference's own distance from fp64
+                            (``Tolerance.beside_rounding``; the prompts' is measured by
+                            ``compare.reference_rounding``)
 States are otherwise judged through their effect on later logits, which is what the
 long stream measures; per-state statistics are always reported.
 """
@@ -221,6 +225,15 @@ class CompareResult:
         fp64 = [f"  {name} vs fp64: {p.oracle_drift.summary()}" for name, p in self.phases.items() if p.oracle_drift]
         return "\n".join([head, *fp64, *(f"  {f}" for f in self.failures)])
 
+    def brief(self, most: int = 3) -> str:
+        """One line for an error: the verdict and the first ``most`` failures, with how
+        many more the report holds."""
+        shown = "; ".join(map(str, self.failures[:most]))
+        more = len(self.failures) - most
+        return f"{'PASS' if self else 'FAIL'} at {self.precision or 'custom tolerance'}" + (f": {shown}" if shown else "") + (
+            f"; and {more} more (export with --no-validate, then `edgeseq validate BUNDLE --report R.json` lists all)"
+            if more > 0 else "")  # fmt: skip
+
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
@@ -320,6 +333,8 @@ class Comparison:
             checks = HELD_OUT_ONLY_CHECKS.get(self.phase, ())
         checks = tuple(PHASE_CHECKS.get(self.phase, PHASE_CHECKS["decode"]) if checks is None else checks)
         drift = None
+        if self._from_oracle is not None and self._from_oracle["reference"]:  # limits no tighter than rounding
+            tolerance = tolerance.beside_rounding(max(self._from_oracle["reference"]), 0.0)
         if self._from_oracle is not None:  # fp64 is the judge of drift: drift_fp64 replaces drift
             drift = OracleDrift(**self._from_oracle, judged="drift" in checks and tolerance.drift is not None)
             checks = tuple(DRIFT_FP64 if c == "drift" else c for c in checks)

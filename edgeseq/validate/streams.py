@@ -157,7 +157,7 @@ def run_stream(
     tokens = np.zeros((1, 1), np.int64) if tokens is None else as_tokens(tokens)
     ref_state = dict(state) if state is not None else zero_state(io, tokens.shape[0])
     cand_state = {k: v.copy() for k, v in ref_state.items()}  # no buffer shared between sides
-    fp64_state = _in_dtypes_of(oracle, ref_state) if oracle is not None else {}
+    fp64_state = in_dtypes_of(oracle, ref_state) if oracle is not None else {}
     token = np.ascontiguousarray(tokens[:, :1])
     for step in range(steps):
         fp64 = None
@@ -195,7 +195,7 @@ def last_call(runner: Runner, io: GraphIO, tokens: np.ndarray) -> dict[str, np.n
     return out
 
 
-def _in_dtypes_of(runner: Runner, state: Feeds) -> Feeds:
+def in_dtypes_of(runner: Runner, state: Feeds) -> Feeds:
     """Copies of ``state`` in the dtypes ``runner.io`` declares for them (the fp64 oracle
     keeps a float64 state); as they are for a runner without an ``io``."""
     io = getattr(runner, "io", None)
@@ -236,7 +236,7 @@ def run_verified_stream(
     be compared leaves the stream there. Returns the steps the reference ran."""
     tokens = np.zeros((1, 1), np.int64) if tokens is None else as_tokens(tokens)
     sides = Lockstep(reference, candidates, io, comparisons, zero_state(io, tokens.shape[0]))
-    fp64_state = _in_dtypes_of(oracle, sides.ref)
+    fp64_state = in_dtypes_of(oracle, sides.ref)
     token, done = np.ascontiguousarray(tokens[:, :1]), 0
     while done < steps and sides.active:
         saved = sides.save()

@@ -223,3 +223,16 @@ def test_cuda_devices_are_named_through_an_already_loaded_torch(monkeypatch):
     assert runner_device(types.SimpleNamespace(device="cuda:1")) == "cuda:NVIDIA H100 #1"
     monkeypatch.delitem(sys.modules, "torch")
     assert runner_device(types.SimpleNamespace(device="cuda:1")) == "cuda:1"  # never imports torch itself
+
+
+def test_brief_is_one_line_with_the_first_failures_and_how_many_more():
+    seed = int(np.random.default_rng().integers(2**31))
+    io = toy_io()
+    result = compare(ToyRunner(seed, "ref"), ToyRunner(seed, "cand", a_scale=1.3), io, prompts=(), steps=16, long_steps=0)
+    assert not result and len(result.failures) >= 1
+    brief = result.brief(most=1)
+    assert "\n" not in brief and brief.startswith("FAIL at fp32: ") and str(result.failures[0]) in brief
+    more = len(result.failures) - 1
+    assert (f"and {more} more" in brief) == (more > 0)
+    same = compare(ToyRunner(seed, "ref"), ToyRunner(seed, "cand"), io, prompts=(), steps=4, long_steps=0)
+    assert same.brief() == "PASS at fp32"

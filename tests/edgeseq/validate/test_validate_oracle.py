@@ -12,9 +12,17 @@ import pytest
 import torch
 from rich.console import Console
 
-from edgeseq.export.spec import DRIFT_FLOOR, DRIFT_RATIO, drift_limit, drift_within, graph_io
+from edgeseq.export.spec import (
+    DRIFT_FLOOR,
+    DRIFT_RATIO,
+    ROUNDING_RATIO,
+    TOLERANCES,
+    drift_limit,
+    drift_within,
+    graph_io,
+)
 from edgeseq.runtimes.torch_runner import TorchRunner
-from edgeseq.validate.compare import compare, compare_long_stream
+from edgeseq.validate.compare import compare, compare_each, compare_long_stream
 from edgeseq.validate.report import load_report, plot_drift, print_report, write_report
 from edgeseq.validate.results import DRIFT_FP64, DriftExceeded, ToleranceExceeded
 from tests.conftest import random_model, small_config
@@ -224,3 +232,55 @@ def test_report_shows_both_distances_the_rule_and_the_verdict(tmp_path, seed):
     assert "vs fp64 (fp64, cpu): candidate" in text and "fp32 reference" in text and ": past" in text
     png = plot_drift(report, tmp_path / "drift.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+# --- limits no tighter than the reference's own rounding --------------------------------
+
+
+@pytest.mark.parametrize("distance", [0.0, 1e-6, 1e-4, 3e-3, math.inf, math.nan])
+def test_rounding_raises_limits_to_its_ratio_and_never_lowers_one(distance):
+    base = TOLERANCES["fp32"]
+    raised = base.beside_rounding(distance, distance / 10)
+    for field, d in (("max_abs_logit", distance), ("prefill_logit", distance), ("handoff_logit", distance),
+                     ("prefill_state", distance / 10), ("handoff_state", distance / 10)):  # fmt: skip
+        want = getattr(base, field) if not math.isfinite(d) else max(getattr(base, field), ROUNDING_RATIO * d)
+        assert getattr(raised, field) == want
+    assert raised.kl == base.kl and raised.top1_agreement == base.top1_agreement and raised.drift == base.drift
+    assert TOLERANCES["fp16"].beside_rounding(1e-3, 1e-3).max_abs_logit is None  # not judged stays not judged
+
+
+class LoudLogits:
+    """An fp32 reference whose logits carry N(0, sigma) noise (its state is exact): a
+    reference further from fp64 than the absolute fp32 limits, as at 130M weights."""
+
+    def __init__(self, runner: TorchRunner, sigma: float, seed: int):
+        self.runner, self.sigma, self.rng = runner, sigma, np.random.default_rng(seed)
+        self.io, self.name, self.device = runner.io, f"loud-{runner.name}", runner.device
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.runner.infer(feeds)
+        out["logits"] = (out["logits"] + self.sigma * self.rng.standard_normal(out["logits"].shape)).astype(np.float32)
+        return out
+
+
+def test_a_reference_far_from_fp64_raises_prefill_and_decode_limits_and_a_wrong_graph_still_fails(seed):
+    config = small_config(PATTERN)
+    model = random_model(config, torch.float32, seed=seed)
+    io, pre_io = graph_io(config, "step"), graph_io(config, "prefill")
+    prompts = [np.random.default_rng(seed).integers(0, config.vocab_size, (1, n)) for n in (5, 33)]
+    wrong_model = perturbed(model, "out_proj.weight", 0.05, seed)
+    with TorchRunner(model) as step, TorchRunner(model, "prefill") as pre, \
+            TorchRunner(copy.deepcopy(model)) as cand, TorchRunner(copy.deepcopy(model), "prefill") as cand_pre, \
+            TorchRunner(wrong_model) as wrong, TorchRunner(wrong_model, "prefill") as wrong_pre, \
+            TorchRunner(model, "prefill", dtype="float64", all_logits=True) as oracle:  # fmt: skip
+        ref, ref_pre = LoudLogits(step, 3e-4, seed), LoudLogits(pre, 3e-4, seed + 1)
+        kwargs = {"prompts": prompts, "steps": 24, "long_steps": 0, "seed": seed}
+        plain = compare_each(ref, [cand], io, prefill=(ref_pre, [cand_pre], pre_io), **kwargs)[0]
+        fair, caught = compare_each(ref, [cand, wrong], io, prefill=(ref_pre, [cand_pre, wrong_pre], pre_io),
+                                    oracle=oracle, **kwargs)  # fmt: skip
+    over = {(f.phase, f.metric) for f in plain.failures if isinstance(f, ToleranceExceeded)}
+    assert {("prefill", "prefill_logit"), ("decode", "max_abs_logit")} <= over  # 1e-4 absolute: the noise fails it
+    assert fair, fair.summary()  # the reference's own distance from fp64 raised the limits
+    assert fair.phases["decode"].oracle_drift.reference_max > 1e-4
+    wrong_over = {(f.phase, f.metric) for f in caught.failures if isinstance(f, ToleranceExceeded)}
+    assert {("prefill", "prefill_logit"), ("decode", "max_abs_logit")} <= wrong_over
