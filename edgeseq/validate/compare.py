@@ -160,6 +160,13 @@ def reference_rounding(reference: Runner, oracle: Runner, io: GraphIO, prompts: 
     return logit, state
 
 
+def _rounding(reference: Runner, oracle: Runner | None, io: GraphIO, prompts: Sequence[np.ndarray]) -> tuple[float, float] | None:
+    """``reference_rounding`` where an oracle that takes chunks is given, else None."""
+    if not prompts or oracle is None or not takes_chunks(oracle):
+        return None
+    return reference_rounding(reference, oracle, io, prompts)
+
+
 def compare_decode(
     reference: Runner,
     candidate: Runner,
@@ -276,8 +283,7 @@ def compare(
         },
     )
     if prompts:
-        if rounding is None and oracle is not None and takes_chunks(oracle):
-            rounding = reference_rounding(pre_ref, oracle, pre_io, prompts)
+        rounding = rounding or _rounding(pre_ref, oracle, pre_io, prompts)
         pre_tol = tol if rounding is None else tol.beside_rounding(*rounding)
         result.settings["rounding"] = None if rounding is None else {"logit": rounding[0], "state": rounding[1]}
         result.phases["prefill"] = compare_prefill(
@@ -321,9 +327,9 @@ def compare_each(
     io = io if io is not None else reference.io  # type: ignore[attr-defined]
     _, tol = resolve_tolerance(tolerance)
     by_one = oracle is not None and long_steps and not takes_chunks(oracle)
-    rounding = None
-    if prompts and oracle is not None and takes_chunks(oracle):  # once for all candidates
-        rounding = reference_rounding(*(prefill[0], oracle, prefill[2]) if prefill else (reference, oracle, io), prompts)
+    pre_ref, pre_io = (prefill[0], prefill[2]) if prefill else (reference, io)
+    prompts = random_prompts(pre_io, seed=seed) if prompts is None else [as_tokens(p) for p in prompts]
+    rounding = _rounding(pre_ref, oracle, pre_io, prompts)  # once for all candidates
 
     def one(i: int) -> CompareResult:
         own = None if prefill is None else (prefill[0], prefill[1][i], prefill[2])
