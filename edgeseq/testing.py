@@ -79,14 +79,17 @@ def assert_bundle_parity(
 ) -> dict:
     """What ``edgeseq validate BUNDLE`` checks, as an assertion: every flavor that runs
     here (or ``flavor``), its step and prefill graphs, against the PyTorch reference
-    rebuilt from the source model (``edgeseq.deploy.validation.run_validation``), with the
+    rebuilt from the source model (``edgeseq.deploy.validation.run_validation``; every
+    width of an elastic bundle and its switching stream too), with the
     held-out gate (``heldout`` = streams x tokens; None skips it). ``report`` and ``plot``
     receive one file per flavor (prefixed with its name when there are several). Returns
     the outcome ``edgeseq validate --json`` prints; a bundle none of whose flavors runs
     here fails too."""
+    from edgeseq.deploy.switching import validate_elastic
     from edgeseq.deploy.validation import run_validation
 
     outcome = run_validation(bundle_dir, flavor, steps, long_steps, device, report, plot, None, None, heldout=heldout)
+    validate_elastic(outcome, Path(bundle_dir), flavor, steps, long_steps, device, heldout=heldout)
     lines = [f"{name}: {entry['summary']}" for name, entry in outcome["flavors"].items() if not entry["passed"]]
     if not outcome["flavors"]:
         lines.append(f"no flavor of {bundle_dir} runs here: {outcome['not_run']}")

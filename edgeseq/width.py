@@ -17,6 +17,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 from edgeseq.config import ModelConfig
 from edgeseq.errors import WidthError
@@ -160,3 +161,11 @@ def untrained_warning(config: ModelConfig, spec: WidthSpec, model: str = "MODEL"
         names = ", ".join(f"{w:g}" for w, _ in trained)
         return f"widths {asked} keep sizes no trained width has in some layers (trained: {names}); {measure}"
     return f"width {asked} was not trained (the nearest trained widths are {' and '.join(f'{w:g}' for w in near)}); {measure}"
+
+
+def width_value(width: Any) -> Fraction | None:
+    """A width's value (1/2 and 0.5 are one width); None for text that is none."""
+    try:
+        return Fraction(str(width)).limit_denominator(1 << 16)
+    except (ValueError, ZeroDivisionError):
+        return None

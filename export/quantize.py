@@ -226,11 +226,19 @@ def _nbits(model: onnx.ModelProto, options: QuantOptions, bits: int, block_size:
 
     matmuls = weight_matmuls(model)
     if bits == 8:
-        inits = {t.name: t for t in model.graph.initializer}
-        ks = {inits[n.input[1]].dims[0] for n in model.graph.node if n.name in set(matmuls)}
-        while block_size > 16 and any(k % block_size for k in ks):
-            block_size //= 2
+        block_size = int8_block_size(model, block_size)
     return quantize_nbits(model, bits, block_size, options.accuracy_level, matmuls, _embedding_gathers(model), tied)
+
+
+def int8_block_size(model: onnx.ModelProto, block_size: int) -> int:
+    """The int8 block ``_nbits`` uses for this graph: ``block_size`` halved until it divides
+    the K of every weight matrix (16 at least)."""
+    matmuls = set(weight_matmuls(model))
+    inits = {t.name: t for t in model.graph.initializer}
+    ks = {inits[n.input[1]].dims[0] for n in model.graph.node if n.name in matmuls}
+    while block_size > 16 and any(k % block_size for k in ks):
+        block_size //= 2
+    return block_size
 
 
 def _int4_qdq(model: onnx.ModelProto, options: QuantOptions) -> onnx.ModelProto:

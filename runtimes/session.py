@@ -50,6 +50,7 @@ import safetensors.numpy
 from edgeseq.errors import EdgeseqError
 from edgeseq.export.spec import ATTENTION_MASK, INPUT_IDS, GraphIO, token_feeds
 from edgeseq.runtimes.base import FeedError, GraphIOError, Runner
+from edgeseq.runtimes.elastic import Widths
 from edgeseq.tokenizer import ByteTokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -108,11 +109,18 @@ class StreamingSession:
             _check_runner("prefill_runner", prefill_runner)
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
             raise SessionError(f"batch must be a whole number of streams, at least 1 (got {batch!r})")
-        self.step_runner, self.prefill_runner = step_runner, prefill_runner
-        self.io = io or step_runner.io
         self.batch = int(batch)
         self.flavor: str | None = None  # the bundle's graph flavor, when opened with from_bundle
         self.tokenizer: Tokenizer = ByteTokenizer()  # from_bundle: the bundle's own
+        self.widths: Widths | None = None  # an elastic bundle's widths (``set_width``)
+        self.width: str | None = None  # the width streaming now, when opened with from_bundle
+        self._bind(step_runner, prefill_runner, io)
+        self.reset()
+
+    def _bind(self, step_runner: Runner, prefill_runner: Runner | None, io: GraphIO | None = None) -> None:
+        """Stream through these runners from the next call on (``set_width`` moves the state)."""
+        self.step_runner, self.prefill_runner = step_runner, prefill_runner
+        self.io = io or step_runner.io
         logits = next((t for t in self.io.outputs if t.name == "logits"), None)
         # token ids run from 0 to vocab_size - 1 (None: the graph does not fix the vocabulary)
         self.vocab_size = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else None
@@ -127,20 +135,21 @@ class StreamingSession:
             theirs = {t.name for t in prefill_runner.io.inputs if t.name not in (INPUT_IDS, ATTENTION_MASK)}
             if theirs != self._state_specs.keys():
                 raise GraphIOError("the prefill and step graphs carry different state; export both from one model")
-        self.reset()
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, flavor: str | None = None, batch: int = 1,
-                    threads: int | None = None) -> StreamingSession:  # fmt: skip
+                    threads: int | None = None, widths: Sequence[str] | None = None) -> StreamingSession:  # fmt: skip
         """A session over a bundle's step and prefill graphs, active and ready to decode.
 
         The manifest is read with every file's sha256 checked (``edgeseq.deploy.bundle``);
         ``flavor`` defaults to the first of the bundle's flavors that a runtime installed
         here streams (``edgeseq.deploy.runtimes``), placed on the execution providers and
         threads of the bundle's target profile (``threads`` overrides them; 0: all cores).
-        ``close()`` (or ``with``) frees the runtime's sessions."""
+        An elastic bundle's widths (``widths``: which of them, None: all) are all opened,
+        the widest streaming first; ``set_width`` switches. ``close()`` (or ``with``) frees
+        the runtime's sessions."""
         from edgeseq.deploy.bundle import bundle_tokenizer, read_manifest
-        from edgeseq.deploy.runtimes import Placement, open_runner, streamed_flavor
+        from edgeseq.deploy.runtimes import Placement, streamed_flavor
 
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise SessionError(f"threads must be 0 (all cores) or more (got {threads!r})")
@@ -148,24 +157,57 @@ class StreamingSession:
         manifest = read_manifest(root)
         flavor = streamed_flavor(manifest, flavor)
         placement = Placement.of_target(manifest.get("target", {}), threads)
-        step, prefill = (open_runner(root, manifest, flavor, kind, placement) for kind in ("step", "prefill"))
-        try:
-            step.activate()
-            prefill.activate()
-            session = cls(step, prefill, batch=batch)
-        except BaseException:
-            step.deactivate()
-            prefill.deactivate()
-            raise
-        session.flavor = flavor
+        session = cls.open(root, manifest, flavor, placement, batch, widths)
         session.tokenizer = bundle_tokenizer(root, manifest)
         return session
 
+    @classmethod
+    def open(cls, root: Path, manifest: dict, flavor: str, placement, batch: int = 1,
+             widths: Sequence[str] | None = None) -> StreamingSession:  # fmt: skip
+        """``from_bundle`` with the manifest already read (a bundle being written, say) and a
+        ``Placement``; the tokenizer stays bytes."""
+        from edgeseq.config import ModelConfig
+        from edgeseq.runtimes.elastic import open_widths
+
+        opened = open_widths(root, manifest, flavor, placement, widths)
+        try:
+            session = cls(opened[0].step, opened[0].prefill, batch=batch)
+        except BaseException:
+            for member in opened:
+                member.step.deactivate()
+                member.prefill.deactivate()
+            raise
+        session.flavor, session.width = flavor, opened[0].label
+        if len(opened) > 1:
+            session.widths = Widths(ModelConfig.from_dict(manifest["config"]), opened)
+            session.widths.start(session._state, session._position)
+        return session
+
+    def set_width(self, width: str, widen: str = "zeros") -> np.ndarray | None:
+        """Stream at ``width`` (one of ``widths.labels``, or its value: "0.5" for "1/2") from
+        the next call on, without reloading: the state moves with the layer kinds' slicing
+        maps (``edgeseq.runtimes.elastic``). Widening fills the new heads with zeros, or with
+        ``widen="replay"`` re-prefills the recent tokens at the new width and returns the
+        logits after them (else None). One stream's replay only (batch 1)."""
+        if self.widths is None:
+            raise SessionError("this session streams one width; export an elastic bundle (edgeseq export --elastic)")
+        label = self.widths.label_of(width)
+        if label == self.width:
+            return None
+        moved = self.widths.switch(self._state, self.batch, self.width, label, widen)
+        self._bind(moved.member.step, moved.member.prefill)
+        self._state, self._spare, self.width = moved.state, None, label
+        if moved.replay is None:
+            return None
+        self._position = moved.position
+        return self._prefill(np.asarray([moved.replay], np.int64), None)[0] if moved.replay else None
+
     def close(self) -> None:
         """Free the runners' backends (the session cannot decode afterwards)."""
-        for runner in (self.step_runner, self.prefill_runner):
-            if runner is not None:
-                runner.deactivate()
+        members = self.widths.members.values() if self.widths else ()
+        runners = (self.step_runner, self.prefill_runner, *(r for m in members for r in (m.step, m.prefill)))
+        for runner in {id(r): r for r in runners if r is not None}.values():
+            runner.deactivate()
 
     def __enter__(self) -> Self:
         return self
@@ -180,6 +222,8 @@ class StreamingSession:
         self._state = {name: np.zeros(self._shape(spec.shape), spec.dtype) for name, spec in self._state_specs.items()}
         self._position = np.zeros(self.batch, np.int64)
         self._spare: dict[str, np.ndarray] | None = None  # where the next call writes the state (``_run``)
+        if self.widths is not None:
+            self.widths.start(self._state, self._position)
 
     @property
     def position(self) -> int | np.ndarray:
@@ -283,6 +327,9 @@ class StreamingSession:
     def _prefill(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         """ids, mask [B, T] -> logits [B, V]; the step graph column by column without a prefill graph."""
         if self.prefill_runner is not None:
+            if self.widths is not None and mask is None and self.batch == 1 and ids.shape[1] > self.widths.replay:
+                self._run(self.prefill_runner, ids[:, : -self.widths.replay])  # a replay point before the last tokens
+                ids = ids[:, -self.widths.replay :]
             return self._run(self.prefill_runner, ids, mask)
         for t in range(ids.shape[1]):
             before = None if mask is None or mask[:, t].all() else self.snapshot()
@@ -353,6 +400,8 @@ class StreamingSession:
         # the graph counts position when it has one; Mamba2-only graphs do not, so count here
         counted = ids.shape[1] if mask is None else mask.sum(1)
         self._position = self._state[POSITION].copy() if POSITION in self._state else self._position + counted
+        if self.widths is not None:
+            self.widths.record(ids if mask is None else ids[:, mask.all(0).astype(bool)], self._state, self._position)
         logits = out["logits"]  # [B, V], or [B, T, V] from a graph exported with all_logits
         return logits[:, -1] if logits.ndim == 3 else logits
 

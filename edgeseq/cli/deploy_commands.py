@@ -118,9 +118,10 @@ def _progress_printer(console: Console) -> _ProgressPrinter:
     return _ProgressPrinter(console)
 
 
-def _bundle_name(model: str | None, target: str, spec: WidthSpec | None, precision: str | None) -> Path:
-    width = "auto" if spec is None else str(spec).replace("/", "_").replace(",", "_")
-    return Path("out") / f"{Path(model).name if model else 'mamba2-tiny'}-{target}-w{width}{'-' + precision if precision else ''}"
+def _bundle_name(model: str | None, target: str, spec: WidthSpec | None, precision: str | None,
+                 elastic: bool = False) -> Path:  # fmt: skip
+    width = "-elastic" if elastic else "-wauto" if spec is None else "-w" + str(spec).replace("/", "_").replace(",", "_")
+    return Path("out") / f"{Path(model).name if model else 'mamba2-tiny'}-{target}{width}{'-' + precision if precision else ''}"
 
 
 @main.command()
@@ -145,10 +146,15 @@ def _bundle_name(model: str | None, target: str, spec: WidthSpec | None, precisi
 @click.option("--threads", type=int,
               help="Threads onnxruntime and PyTorch each use during validation (default: 1; they run side by side).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--elastic", is_flag=True,
+              help="Every width of --widths-set (default: the checkpoint's trained widths) in one bundle, one weight "
+                   "store; StreamingSession.set_width switches mid-stream.")
+@click.option("--widths-set", help="With --elastic: the widths, comma-separated (1,1/2,1/4).")
 @config_option
 @json_option
 def export(model, target, width, widths, precision, memory_budget, min_tokens_per_s, int4_block_size, flavor, output,
-           steps, long_steps, no_validate, embed_reference, device, threads, overwrite, config_file, as_json):
+           steps, long_steps, no_validate, embed_reference, device, threads, overwrite, elastic, widths_set, config_file,
+           as_json):  # fmt: skip
     """Plan, extract, export, quantize, validate and bundle a submodel for a device.
 
     Without --width, the widest configuration that fits the target's memory (and
@@ -161,20 +167,24 @@ def export(model, target, width, widths, precision, memory_budget, min_tokens_pe
       edgeseq export --target jetson --width 0.5
       edgeseq export --target raspberry-pi-5
       edgeseq export --model hybrid-tiny --target x86 --width 1/4 --quant int8 -o out/h
+      edgeseq export --elastic --widths-set 1,1/2,1/4,1/8 --target jetson
     """
     require_toolchain("export", *GRAPH_TOOLCHAIN)
     from edgeseq.deploy.pipeline import ExportRequest, export_bundle
     from edgeseq.targets import get_target
 
     spec = _spec(width, widths)
+    if widths_set is not None and not elastic:
+        raise EdgeseqError("--widths-set gives an elastic bundle's widths; add --elastic")
+    elastic_set = None if not elastic else tuple(WidthSpec.parse(w) for w in (widths_set or "").split(",") if w.strip())
     budget = _budget(memory_budget)
     name = get_target(target).name
-    output = output or _bundle_name(model, name, spec, precision)
+    output = output or _bundle_name(model, name, spec, precision, elastic)
     req = ExportRequest(model, target, spec, output, flavor, precision, steps=steps, long_steps=long_steps,
                         validate=not no_validate, overwrite=overwrite, memory_budget=budget,
                         min_tokens_per_s=min_tokens_per_s, int4_block_size=int4_block_size,
                         embed_reference=embed_reference, threads=threads, reference_device=device,
-                        config=None if config_file is None else str(config_file))
+                        config=None if config_file is None else str(config_file), elastic=elastic_set)
     console = Console(stderr=as_json)
     printer = _progress_printer(console)
     try:
@@ -188,7 +198,8 @@ def _report_bundle(console: Console, output: Path, manifest: dict, as_json: bool
     if as_json:
         _emit_json({"output": str(output), "manifest": manifest})
         return
-    console.print(f"[bold green]bundle[/] {output} (width {manifest['width']}, {manifest['precision']}): "
+    widths = ", ".join((manifest.get("elastic") or {}).get("widths") or [manifest["width"]])
+    console.print(f"[bold green]bundle[/] {output} (width {widths}, {manifest['precision']}): "
                   f"{manifest['validation']['summary']}", highlight=False)
     for flavor_name, why in manifest["validation"]["not_run"].items():
         console.print(f"[yellow]not validated here[/]: {flavor_name} ({why})", highlight=False)
@@ -262,6 +273,10 @@ def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golde
     try:
         outcome = run_validation(bundle, flavor, steps, long_steps, device, report, plot, save_golden, golden,
                                  reference, progress=printer.calls)  # fmt: skip
+        if not golden:  # an elastic bundle's narrower widths and its switching stream (a golden file holds the widest)
+            from edgeseq.deploy.switching import validate_elastic
+
+            validate_elastic(outcome, bundle, flavor, steps, long_steps, device, reference, progress=printer.calls)
     finally:
         printer.close()
     if as_json:
@@ -290,28 +305,40 @@ def validate(bundle, flavor, steps, long_steps, device, report, plot, save_golde
 @click.option("--flavor", type=FLAVOR_CHOICE, help="Which graphs to run (default: the bundle's first).")
 @click.option("--threads", type=int, default=None,
               help="Runtime threads (default: the target profile's, at most this machine's cores; 0: all cores).")
+@click.option("--width", help="An elastic bundle's width to stream at (default: its widest).")
+@click.option("--elastic", is_flag=True, help="Switch between an elastic bundle's widths (needs --latency-budget-ms).")
+@click.option("--latency-budget-ms", "budget", help="With --elastic: keep the widest width whose decode step fits; "
+              "MS, or MS,MS@TOKEN,... to change it as the stream goes (40,10@200).")
+@click.option("--widen", type=click.Choice(["replay", "zeros"]), default="replay", show_default=True,
+              help="How a switch to a wider width fills the new heads' state.")
 @json_option
-def run(bundle, prompt, n, temperature, top_k, seed, flavor, threads, as_json):
+def run(bundle, prompt, n, temperature, top_k, seed, flavor, threads, width, elastic, budget, widen, as_json):
     """Stream text from a bundle through onnxruntime; PyTorch is not imported. Text goes
     through the bundle's tokenizer.json when it carries one, else bytes.
 
     \b
     Example:
       edgeseq run out/mamba2-tiny-x86-64-cpu-w0.5 --prompt "import " -n 300
+      edgeseq run out/mamba2-tiny-x86-64-cpu-elastic --elastic --latency-budget-ms 2.5
     """
-    from edgeseq.deploy.run import stream_text
+    from edgeseq.deploy.run import BudgetSchedule, stream_text
 
     if n < 1:
         raise EdgeseqError("-n must be at least 1")
+    if elastic != (budget is not None):
+        raise EdgeseqError("--elastic and --latency-budget-ms go together: the budget decides the width")
     pieces: list[str] = []
     emit = pieces.append if as_json else (lambda text: click.echo(text, nl=False))
-    stats = stream_text(bundle, prompt, n, temperature, top_k, seed, flavor, threads, emit)
+    schedule = None if budget is None else BudgetSchedule.parse(budget)
+    stats = stream_text(bundle, prompt, n, temperature, top_k, seed, flavor, threads, emit, width, schedule, widen)
     if as_json:
         _emit_json({"text": "".join(pieces), **stats})
         return
     click.echo("")
     click.echo(f"-- {stats['new_tokens']} tokens at {stats['tokens_per_s']:.1f} tokens/s "
-               f"({stats['flavor']}, onnxruntime {stats['providers']})", err=True)
+               f"({stats['flavor']}, onnxruntime {stats['providers']}, width {stats['width']})", err=True)
+    for s in stats.get("switches", []):
+        click.echo(f"-- token {s['token']}: width {s['from']} -> {s['to']} (budget {s['budget_ms']:g} ms)", err=True)
 
 
 @main.command()

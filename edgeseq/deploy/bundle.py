@@ -34,11 +34,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from edgeseq.errors import EdgeseqError
 from edgeseq.tokenizer import Tokenizer
+from edgeseq.width import width_value
 
 SCHEMA_VERSION = 2  # 2: flat layout, weights stored once in weights.data, genai_config.json
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with a margin
@@ -76,20 +78,47 @@ def write_graph(path: Path, proto) -> None:
         onnx.save_model(proto, path)
 
 
-def graph_file(flavor: str, kind: str) -> str:
-    """A graph's file name in a bundle."""
-    return f"{flavor}.{kind}.onnx"
+def graph_file(flavor: str, kind: str, width: str | None = None) -> str:
+    """A graph's file name in a bundle; an elastic bundle's narrower widths add theirs
+    (``cpu.step.w1_4.onnx``)."""
+    return f"{flavor}.{kind}.onnx" if width is None else f"{flavor}.{kind}.w{width.replace('/', '_')}.onnx"
 
 
-def write_graphs(root: Path, graphs: dict[str, Any]) -> int:
+def bundle_widths(manifest: dict[str, Any]) -> list[str]:
+    """The widths a bundle streams, widest first: an elastic bundle's, else its one."""
+    return list((manifest.get("elastic") or {}).get("widths") or [manifest["width"]])
+
+
+def width_view(manifest: dict[str, Any], width: str) -> dict[str, Any]:
+    """The manifest as it reads for one of an elastic bundle's widths: that width's
+    ``width``, ``layer_widths``, ``config``, ``io`` and ``graphs`` (the widest width's
+    are the manifest's own)."""
+    label = next((w for w in bundle_widths(manifest) if w == str(width) or width_value(w) == width_value(width)), None)
+    if label is None:
+        raise BundleError(f"the bundle has no width {width!r}; it streams {', '.join(bundle_widths(manifest))}")
+    if label == manifest["width"]:
+        return manifest
+    return {**manifest, **manifest["elastic"]["members"][label]}
+
+
+
+def write_graphs(root: Path, graphs: dict[str, Any], blobs: Sequence[tuple[bytes, Sequence[int]]] = ()) -> int:
     """Save ONNX models (file name -> proto) into ``root`` with their weights in one
     ``weights.data``: a tensor two graphs hold (by content) is written once and both point
-    at it. Returns the bytes of weights.data. The protos given are not changed."""
+    at it. ``blobs`` (an elastic bundle's store, ``edgeseq.export.elastic``) are written
+    first, each with the lengths of its prefixes that graphs hold: such a tensor points at
+    the blob's first bytes. Returns the bytes of weights.data. The protos given are not changed."""
     import onnx
     from onnx.external_data_helper import set_external_data
 
     offsets: dict[bytes, tuple[int, int]] = {}
     with (root / WEIGHTS_FILE).open("wb") as data:
+        for blob, lengths in blobs:
+            data.write(b"\0" * (-data.tell() % (ALIGN_LARGE if len(blob) > LARGE else ALIGN)))
+            start = data.tell()
+            data.write(blob)
+            for n in lengths:
+                offsets.setdefault(hashlib.sha256(blob[:n]).digest(), (start, n))
         for name, proto in graphs.items():
             model = onnx.ModelProto()
             model.CopyFrom(proto)
@@ -230,10 +259,22 @@ def device_readme(manifest: dict[str, Any]) -> str:
         "```",
         "",
         _tokenizer_line(manifest.get("tokenizer"), bool((manifest.get("genai") or {}).get("tokenizer_files"))),
+        *_elastic_lines(manifest),
         "",
         f"Validation when exported: {manifest.get('validation', {}).get('summary', 'not run')}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _elastic_lines(manifest: dict[str, Any]) -> list[str]:
+    widths = bundle_widths(manifest)
+    if len(widths) < 2:
+        return []
+    line = (f"Elastic: widths {', '.join(widths)} over one `weights.data` (the widest's graphs are the ones "
+            "named above; `<flavor>.<step|prefill>.w<width>.onnx` the others'). "
+            f"`session.set_width(\"{widths[-1]}\")` switches between steps; widening takes `widen=\"replay\"` "
+            "(re-prefill the recent tokens) or `\"zeros\"`.")  # fmt: skip
+    return ["", line]
 
 
 def _genai_line(entry: dict[str, Any] | None) -> str:

@@ -23,25 +23,30 @@ source model the manifest names (its weights digest is checked), or carried in
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edgeseq.atomic import atomic_dir
 from edgeseq.deploy.bundle import (
+    INLINE_BYTES,
     bundle_tokenizer,
+    bundle_widths,
     carry_tokenizer,
     device_readme,
     graph_file,
     not_a_bundle,
     read_manifest,
+    width_view,
     write_graphs,
     write_manifest,
 )
+from edgeseq.deploy.elastic import elastic_entry, elastic_widths, shared_options, width_label
 from edgeseq.deploy.genai_check import STEPS as GENAI_STEPS
 from edgeseq.deploy.genai_check import check_genai
 from edgeseq.deploy.progress import Progress
 from edgeseq.deploy.runtimes import runnable_here, why_not_here
+from edgeseq.deploy.switching import validate_switching
 from edgeseq.deploy.validation import (
     ValidationFailedError,
     handoff_limit,
@@ -52,6 +57,7 @@ from edgeseq.deploy.validation import (
 )
 from edgeseq.errors import EdgeseqError
 from edgeseq.export import compat
+from edgeseq.export.elastic import share_prefixes
 from edgeseq.export.genai import CONFIG_FILE as GENAI_CONFIG
 from edgeseq.export.genai import GENAI_FLAVORS, decoder_graph, genai_config, genai_max_length, why_not_genai
 from edgeseq.export.graphs import SPLIT_K, build_graph
@@ -86,6 +92,7 @@ class ExportRequest:
     heldout: tuple[int, int] = (16, 512)  # bits-per-byte gate: streams x tokens
     reference_device: str = "auto"  # where the PyTorch reference runs: auto (CUDA when there is one), cpu, cuda
     config: str | None = None  # config file of a model whose weights come apart from it (--config)
+    elastic: tuple[WidthSpec, ...] | None = None  # an elastic bundle of these widths (empty: the trained ones)
 
 
 @dataclass
@@ -152,6 +159,9 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
     tokenizer = tokenizer_of(req.model)
     if tokenizer.files:  # a tokenizer.json that does not fit the model fails before any work
         tokenizer.check_vocab(full.config.vocab_size)
+    members = elastic_widths(full.config, req.elastic, req.width) if req.elastic is not None else []
+    if members:
+        req = replace(req, width=members.pop(0))  # the widest: planned, validated and described as any bundle
     if req.width is not None:
         resolve(full.config, req.width)  # a width that cannot be honoured fails here, before sizing
     chosen = plan_export(full.config, target, req)
@@ -163,27 +173,20 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
     if label != str(chosen.width):
         progress("width", f"{chosen.width} keeps {exact} of every layer's units")
     named = f"{req.model or 'mamba2-tiny'}" + (f" --config {req.config}" if req.config else "")
-    if warning := untrained_warning(full.config, chosen.width, named):
-        progress("warning", warning)
-    progress("extract", f"width {label}")
+    for spec in (chosen.width, *members):
+        if warning := untrained_warning(full.config, spec, named):
+            progress("warning", warning)
+    progress("extract", f"width {label}" + "".join(f", {width_label(full.config, w)}" for w in members))
     model = extract(full, chosen.width).float().eval()
+    narrower = {width_label(full.config, w): extract(full, w).float().eval() for w in members}
     config, digest = full.config, weights_digest(full)
-    del full  # the checkpoint's own copy of the weights: from here on only the extracted model is needed
+    del full  # the checkpoint's own copy of the weights: from here on only the extracted models are needed
     flavors = [req.flavor] if req.flavor else list(target.flavors)
-    graphs = {}
-    for flavor in flavors:
-        progress("export", flavor)
-        # blocked sums for the fp32 step, whose rounding a stream integrates over thousands of
-        # tokens (a prompt's GEMMs block K themselves); quantizers need the plain MatMuls
-        split = {"step": SPLIT_K if chosen.precision == "fp32" else None, "prefill": None}
-        tied_once = chosen.precision in ("fp32", "fp16")  # the int8/int4 quantizers read a [V, D] table
-        graphs[flavor] = {kind: build_graph(model, kind, flavor, split_k=split[kind], tied_once=tied_once)
-                          for kind in ("step", "prefill")}  # fmt: skip
-        if chosen.precision != "fp32":
-            progress("quantize", f"{flavor}: {options.describe()}")
-            tied = model.config.tie_embeddings
-            graphs[flavor] = {kind: quantize_graph(g, options, tied) for kind, g in graphs[flavor].items()}
-        compat.check_graphs(target, flavor, graphs[flavor])
+    if narrower:
+        options = shared_options(options, list(narrower.values())[-1], flavors[0])
+    graphs = build_graphs(model, flavors, chosen.precision, options, target, progress)
+    elastic = {w: (m, build_graphs(m, flavors, chosen.precision, options, target, progress, w))
+               for w, m in narrower.items()}  # fmt: skip
     source = {
         "model": req.model if req.model is None or not Path(req.model).exists() else str(Path(req.model).resolve()),
         "name": metadata.get("name"), "width": label, "weights_sha256": digest,
@@ -204,23 +207,57 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
         "reference": source,
         "tokenizer": carry_tokenizer(tokenizer, tmp, model.config.vocab_size),
     }
-    return write_bundle(tmp, req, model, graphs, manifest, progress)
+    if elastic:
+        manifest["elastic"] = elastic_entry(label, {w: m for w, (m, _) in elastic.items()})
+    return write_bundle(tmp, req, model, graphs, manifest, progress, elastic)
 
 
-def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: dict, progress: Progress) -> dict[str, Any]:
-    """Write graphs, validate them, write README and manifest into ``tmp`` (``bundle_dir``)."""
+def build_graphs(model, flavors: list[str], precision: str, options: QuantOptions, target: Target, progress: Progress,
+                 width: str | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each flavor's step and prefill graphs of an extracted model, quantized to ``precision``."""
+    at = "" if width is None else f" at width {width}"
+    graphs = {}
+    for flavor in flavors:
+        progress("export", flavor + at)
+        # blocked sums for the fp32 step, whose rounding a stream integrates over thousands of
+        # tokens (a prompt's GEMMs block K themselves); quantizers need the plain MatMuls
+        split = {"step": SPLIT_K if precision == "fp32" else None, "prefill": None}
+        tied_once = precision in ("fp32", "fp16")  # the int8/int4 quantizers read a [V, D] table
+        graphs[flavor] = {kind: build_graph(model, kind, flavor, split_k=split[kind], tied_once=tied_once)
+                          for kind in ("step", "prefill")}  # fmt: skip
+        if precision != "fp32":
+            progress("quantize", f"{flavor}{at}: {options.describe()}")
+            tied = model.config.tie_embeddings
+            graphs[flavor] = {kind: quantize_graph(g, options, tied) for kind, g in graphs[flavor].items()}
+        compat.check_graphs(target, flavor, graphs[flavor])
+    return graphs
+
+
+def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: dict, progress: Progress,
+                 elastic: dict[str, tuple[Any, dict]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write graphs, validate them, write README and manifest into ``tmp`` (``bundle_dir``).
+    ``elastic``: the narrower widths of an elastic bundle (label -> (model, graphs)), whose
+    graphs read prefixes of the widest graphs' weights (``edgeseq.export.elastic``)."""
     from edgeseq.families.native import Native
-    from edgeseq.validate import plot_drift, write_report
 
+    elastic = elastic or {}
     precision = manifest["precision"]
     files = {graph_file(f, kind): proto for f, kinds in graphs.items() for kind, proto in kinds.items()}
     manifest["genai"], decoder = genai_entry(model.config, manifest, graphs)
     if decoder is not None:
         files[manifest["genai"]["decoder"]] = decoder
-    manifest["weights_bytes"] = write_graphs(tmp, files)
+    narrower = {graph_file(f, kind, w): proto for w, (_, g) in elastic.items() for f, kinds in g.items()
+                for kind, proto in kinds.items()}  # fmt: skip
+    blobs = ()
+    if narrower:
+        shared = share_prefixes(files, narrower, INLINE_BYTES)
+        blobs = shared.blobs
+        manifest["elastic"]["store"] = {"restored": shared.restored, "prefixes": shared.prefixes, "alone": shared.alone}
+    manifest["weights_bytes"] = write_graphs(tmp, {**files, **narrower}, blobs)
     # the graphs are on disk now and validation loads them from there: let go of the protos,
     # which hold every weight (the caller's dict too: its keys say which graphs there are)
     files.clear()
+    narrower.clear()
     decoder = decoder is not None
     graphs.update({flavor: dict.fromkeys(kinds) for flavor, kinds in graphs.items()})
     if decoder:
@@ -229,24 +266,29 @@ def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: d
         (tmp / "reference").mkdir()
         Native.write(model, tmp / "reference", {"source": manifest["model_name"], "width": manifest["width"]})
         manifest["reference"] = {**manifest["reference"], "embedded": "reference"}
-    validation = {"ran": {}, "not_run": {}}
     manifest["graphs"] = {f: {k: graph_file(f, k) for k in kinds} for f, kinds in graphs.items()}
+    for w, (_, g) in elastic.items():
+        manifest["elastic"]["members"][w]["graphs"] = {f: {k: graph_file(f, k, w) for k in kinds} for f, kinds in g.items()}
+    validation: dict[str, Any] = {"ran": {}, "not_run": {}}
     if req.validate:
         device = resolve_device(req.reference_device)
         validation["not_run"] = {f: why_not_here(f) for f in graphs if not runnable_here(f)}
         runnable = [f for f in graphs if runnable_here(f)]
-        if runnable:
-            progress("validate", f"{', '.join(runnable)} at {precision} against the {device} reference (drift: fp64)")
-        results = validate_flavors(tmp, manifest, model, runnable, req.steps, req.long_steps, req.prompts, device,
-                                   req.threads, req.heldout, progress={f: c for f in runnable if (c := progress.calls(f))})
-        for flavor, result in results.items():
-            (tmp / "validation").mkdir(exist_ok=True)
-            write_report(result.compare, tmp / "validation" / f"{flavor}.json")
-            plot_drift(result.compare, tmp / "validation" / f"{flavor}_drift.png")
-            validation["ran"][flavor] = {**result.to_dict(), "reference": device}
-            if not result:
-                raise ValidationFailedError(f"{flavor} graphs fail validation: {result.brief()}; nothing was written")
-    if req.validate:
+        results = validate_width(tmp, req, manifest, model, runnable, device, progress)
+        validation["ran"] = {f: {**r.to_dict(), "reference": device} for f, r in results.items()}
+        for w, (m, _) in elastic.items():
+            member = validate_width(tmp, req, width_view(manifest, w), m, runnable, device, progress, w)
+            manifest["elastic"]["members"][w]["validation"] = {f: {**r.to_dict(), "reference": device}
+                                                               for f, r in member.items()}  # fmt: skip
+        if elastic:
+            models = {manifest["width"]: model, **{w: m for w, (m, _) in elastic.items()}}
+            for flavor in runnable:
+                progress("validate", f"{flavor}: a stream that switches widths, against the reference switching alike")
+                switching = validate_switching(tmp, manifest, models, flavor, device)
+                validation.setdefault("switching", {})[flavor] = switching.to_dict()
+                if not switching:
+                    raise ValidationFailedError(f"{flavor} width switching fails validation: {switching.brief()}; "
+                                                "nothing was written")  # fmt: skip
         progress("validate", "through onnxruntime-genai, greedy against the bundle's own graphs")
         genai = check_genai(tmp, manifest, validation_prompts(model.config, req.prompts), min(req.steps, GENAI_STEPS),
                             handoff_limit(precision, results))
@@ -254,11 +296,37 @@ def write_bundle(tmp: Path, req: ExportRequest, model, graphs: dict, manifest: d
         if not genai:
             raise ValidationFailedError(f"{genai.summary()}; nothing was written")
     validation["summary"] = "; ".join(f"{f}: {v['summary']}" for f, v in validation["ran"].items()) or "not run"
+    if elastic and validation["ran"]:  # every check above passed, or nothing was written
+        validation["summary"] += (f"; widths {', '.join(elastic)} PASS on their own; a stream switching between "
+                                  "all widths PASS against the reference switching alike")  # fmt: skip
     manifest["validation"] = validation
     progress("bundle", str(req.output))
     (tmp / "README.md").write_text(device_readme(manifest))
     manifest = write_manifest(tmp, manifest)
     return manifest
+
+
+def validate_width(tmp: Path, req: ExportRequest, manifest: dict, model, runnable: list[str], device: str,
+                   progress: Progress, width: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Validate the runnable flavors of one width (``manifest``: its view); reports and
+    plots go to validation/ (``<flavor>.w<width>.json`` for an elastic bundle's narrower
+    widths). Raises ``ValidationFailedError`` on a failure."""
+    from edgeseq.validate import plot_drift, write_report
+
+    if not runnable:
+        return {}
+    at, tag = ("", "") if width is None else (f" at width {width}", f".w{width.replace('/', '_')}")
+    progress("validate", f"{', '.join(runnable)}{at} at {manifest['precision']} against the {device} reference "
+                         "(drift: fp64)")  # fmt: skip
+    results = validate_flavors(tmp, manifest, model, runnable, req.steps, req.long_steps, req.prompts, device,
+                               req.threads, req.heldout, progress={f: c for f in runnable if (c := progress.calls(f))})
+    for flavor, result in results.items():
+        (tmp / "validation").mkdir(exist_ok=True)
+        write_report(result.compare, tmp / "validation" / f"{flavor}{tag}.json")
+        plot_drift(result.compare, tmp / "validation" / f"{flavor}{tag}_drift.png")
+        if not result:
+            raise ValidationFailedError(f"{flavor} graphs{at} fail validation: {result.brief()}; nothing was written")
+    return results
 
 
 def genai_entry(config, manifest: dict, graphs: dict) -> tuple[dict[str, Any], Any]:
@@ -309,17 +377,27 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
     compat.check_flavors(target, manifest["flavors"])
     options = quant_options(target, precision, block_size)
     with bundle_dir(output, overwrite) as tmp:
-        model, device = reference_model(source, manifest, device, reference)
-        graphs = {}
-        for flavor in manifest["flavors"]:  # rebuilt from the reference: the fp32 graphs' blocked sums hide the matrices
-            progress("quantize", f"{flavor}: {options.describe()}")
-            graphs[flavor] = {kind: quantize_graph(build_graph(model, kind, flavor), options, model.config.tie_embeddings)
-                              for kind in ("step", "prefill")}  # fmt: skip
-            compat.check_graphs(target, flavor, graphs[flavor])
-        new = {k: v for k, v in manifest.items() if k not in ("files", "schema_version", "validation", "graphs")}
+        models = {}
+        for w in bundle_widths(manifest):  # an elastic bundle's every width
+            models[w], device = reference_model(source, width_view(manifest, w), device, reference)
+        model, narrowest = list(models.values())[0], list(models.values())[-1]
+        if narrowest is not model:  # an elastic bundle: one int8 block for every width
+            options = shared_options(options, narrowest, manifest["flavors"][0])
+        graphs, elastic = {}, {}
+        for w, m in models.items():  # rebuilt from the reference: the fp32 graphs' blocked sums hide the matrices
+            at = "" if m is model else f" at width {w}"
+            into = graphs if m is model else elastic.setdefault(w, (m, {}))[1]
+            for flavor in manifest["flavors"]:
+                progress("quantize", f"{flavor}{at}: {options.describe()}")
+                into[flavor] = {kind: quantize_graph(build_graph(m, kind, flavor), options, m.config.tie_embeddings)
+                                for kind in ("step", "prefill")}  # fmt: skip
+                compat.check_graphs(target, flavor, into[flavor])
+        new = {k: v for k, v in manifest.items() if k not in ("files", "schema_version", "validation", "graphs", "elastic")}
+        if elastic:
+            new["elastic"] = elastic_entry(manifest["width"], {w: m for w, (m, _) in elastic.items()})
         new |= {"precision": precision, "quantization": options.describe(), "quantized_from": str(source)}
         new["reference"] = {k: v for k, v in manifest["reference"].items() if k != "embedded"}
         new["tokenizer"] = carry_tokenizer(bundle_tokenizer(source, manifest), tmp, model.config.vocab_size)
         req = ExportRequest(None, target.name, None, output, steps=steps, long_steps=long_steps, validate=validate,
                             overwrite=overwrite, threads=threads, embed_reference="embedded" in manifest["reference"])
-        return write_bundle(tmp, req, model, graphs, new, progress)
+        return write_bundle(tmp, req, model, graphs, new, progress, elastic)
