@@ -256,6 +256,7 @@ class StreamingSession:
                 raise StateError(f"saved {name!r} is {t.dtype}{list(t.shape)}; this session wants {dtype}{list(shape)}")
         self._position = tensors.pop(POSITION)
         self._state = tensors if POSITION not in self._state_specs else {**tensors, POSITION: self._position.copy()}
+        self._replay_from_here()
 
     @property
     def state_bytes(self) -> int:
@@ -278,6 +279,12 @@ class StreamingSession:
             raise StateError("the snapshot is from a session of another graph or batch; restore it there")
         self._state = {k: v.copy() for k, v in snapshot.state.items()}
         self._position = snapshot.position.copy()
+        self._replay_from_here()
+
+    def _replay_from_here(self) -> None:
+        """An elastic session's replay record starts over at a state it did not stream to."""
+        if self.widths is not None:
+            self.widths.start(self._state, self._position)
 
     def fork(self) -> StreamingSession:
         """A new session on the same runners (no new backend session) with a copy of this state,
@@ -285,6 +292,7 @@ class StreamingSession:
         they share, so close only the last one."""
         other = copy.copy(self)
         other._spare = None  # its own buffers: never the ones this session writes
+        other.widths = None if self.widths is None else copy.copy(self.widths)  # its own replay record (restore's)
         other.restore(self.snapshot())
         return other
 

@@ -96,7 +96,7 @@ def measure(bundle: Path, streams: int, before: int, after: int, replay: int) ->
                         "excess_first_64": float((bits[:, :64] - started[:, :64]).mean()),
                         "switch_ms": 1e3 * float(np.median(switch_s)), "step_ms": 1e3 * step_new,
                         "switch_steps": float(np.median(switch_s)) / step_new,
-                        "curve": (bits - started).mean(0).tolist(),
+                        "curve": np.round((bits - started).mean(0), 4).tolist(),
                     })  # fmt: skip
     return {"widths": widths, "rows": rows}
 

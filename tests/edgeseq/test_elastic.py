@@ -184,3 +184,23 @@ def test_quantize_keeps_every_width_in_one_store(bundles, tmp_path):
         session.prefill([1, 2, 3])
         session.set_width("0.25")
         assert session.step(4).shape == (264,) and session.width == "0.25"
+
+
+def test_fork_and_restore_keep_their_own_replay_record(bundles):
+    rng = np.random.default_rng()
+    with StreamingSession.from_bundle(bundles / "elastic", flavor="portable") as session:
+        session.widths.replay = 4
+        session.prefill(rng.integers(0, 264, 10))
+        before = [t for s in session.widths._saved for t in s.tokens]
+        other = session.fork()
+        for token in (1, 2, 3):
+            other.step(token)
+        assert [t for s in session.widths._saved for t in s.tokens] == before  # the fork's steps are not ours
+        assert [t for s in other.widths._saved for t in s.tokens] == [1, 2, 3]  # it replays from its own start
+        snap = session.snapshot()
+        session.step(7)
+        session.restore(snap)
+        assert [t for s in session.widths._saved for t in s.tokens] == []  # restored: replay starts here
+        session.set_width("0.5")
+        logits = session.set_width("1", widen="replay")
+        assert logits is None and session.position == int(snap.position[0])  # nothing to replay: the state as it was
