@@ -180,17 +180,19 @@ class StreamingSession:
         session.flavor, session.width = flavor, opened[0].label
         if len(opened) > 1:
             session.widths = Widths(ModelConfig.from_dict(manifest["config"]), opened)
-            session.widths.start(session._state, session._position)
+            session._replay_from_here()
         return session
 
-    def set_width(self, width: str, widen: str = "zeros") -> np.ndarray | None:
+    def set_width(self, width: str, widen: str | None = None) -> np.ndarray | None:
         """Stream at ``width`` (one of ``widths.labels``, or its value: "0.5" for "1/2") from
         the next call on, without reloading: the state moves with the layer kinds' slicing
-        maps (``edgeseq.runtimes.elastic``). Widening fills the new heads with zeros, or with
-        ``widen="replay"`` re-prefills the recent tokens at the new width and returns the
-        logits after them (else None). One stream's replay only (batch 1)."""
+        maps (``edgeseq.runtimes.elastic``). Widening with ``widen="replay"`` (the default for
+        one stream) re-prefills the recent tokens at the new width and returns the logits
+        after them; ``widen="zeros"`` (the default for a batch) starts the new heads at zero.
+        Otherwise returns None."""
         if self.widths is None:
             raise SessionError("this session streams one width; export an elastic bundle (edgeseq export --elastic)")
+        widen = widen or ("replay" if self.batch == 1 else "zeros")
         label = self.widths.label_of(width)
         if label == self.width:
             return None
@@ -222,8 +224,7 @@ class StreamingSession:
         self._state = {name: np.zeros(self._shape(spec.shape), spec.dtype) for name, spec in self._state_specs.items()}
         self._position = np.zeros(self.batch, np.int64)
         self._spare: dict[str, np.ndarray] | None = None  # where the next call writes the state (``_run``)
-        if self.widths is not None:
-            self.widths.start(self._state, self._position)
+        self._replay_from_here()
 
     @property
     def position(self) -> int | np.ndarray:

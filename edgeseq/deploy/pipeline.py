@@ -380,7 +380,8 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
         models = {}
         for w in bundle_widths(manifest):  # an elastic bundle's every width
             models[w], device = reference_model(source, width_view(manifest, w), device, reference)
-        model, narrowest = list(models.values())[0], list(models.values())[-1]
+        ordered = list(models.values())  # widest first
+        model, narrowest = ordered[0], ordered[-1]
         if narrowest is not model:  # an elastic bundle: one int8 block for every width
             options = shared_options(options, narrowest, manifest["flavors"][0])
         graphs, elastic = {}, {}

@@ -204,3 +204,19 @@ def test_fork_and_restore_keep_their_own_replay_record(bundles):
         session.set_width("0.5")
         logits = session.set_width("1", widen="replay")
         assert logits is None and session.position == int(snap.position[0])  # nothing to replay: the state as it was
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--widths-set", "1,1/2"], "add --elastic"),
+    (["--elastic", "--width", "0.5"], "not --width"),
+    (["--elastic", "--widths-set", "1,1"], "at least two different widths"),
+    (["--elastic", "--widths-set", "1,1/100"], "error: "),
+])  # fmt: skip
+def test_bad_elastic_requests_fail_in_one_line_and_write_nothing(tmp_path, args, says):
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["export", "--target", "x86", "-o", str(out), "--no-validate", *args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and lines[-1].startswith("error: ") and says in lines[-1], result.output
+    assert "Traceback" not in result.output and not out.exists()
+    result = CliRunner().invoke(main, ["run", str(tmp_path), "--elastic"])
+    assert result.exit_code == 2 and "--latency-budget-ms" in result.output

@@ -55,3 +55,25 @@ def test_chat_turns_with_a_cached_system_prompt_match_a_cold_start(bundle):
                 out.append(int(logits.argmax()))
                 logits = session.step(out[-1])
             assert text == session.tokenizer.decode(out), turn
+
+
+def test_elastic_stream_narrows_when_the_app_tightens_its_budget(tmp_path, monkeypatch):
+    """A fake clock: a step costs 3 ms at width 1, 1.5 at 1/2, 0.8 at 1/4, 0.4 at 1/8."""
+    from edgeseq.runtimes.session import StreamingSession
+
+    out = tmp_path / "elastic"
+    export_bundle(ExportRequest("hybrid-tiny", "x86-64-cpu", None, out, flavor="portable", validate=False, elastic=()))
+    cost, now = {"1": 3.0, "0.5": 1.5, "0.25": 0.8, "0.125": 0.4}, [0.0]
+    step = StreamingSession.step
+
+    def timed(self, token):
+        now[0] += cost[self.width] / 1e3
+        return step(self, token)
+
+    monkeypatch.setattr(StreamingSession, "step", timed)
+    tight_at = int(np.random.default_rng().integers(40, 80))
+    log = []
+    text = "".join(_load("elastic_stream").stream(str(out), "def ", 160, 4.0, 1.0, tight_at, lambda: now[0], log))
+    assert len(text) > 40
+    assert [(old, new) for _, old, new in log] == [("1", "0.5"), ("0.5", "0.25")], log
+    assert log[0][0] == tight_at  # a stream that has settled narrows at once
