@@ -52,7 +52,11 @@ def _carried_widths(config: ModelConfig, sub: ModelConfig) -> tuple[float, ...]:
 def extract(model: NestedLM, spec: WidthSpec | float | str) -> NestedLM:
     """A new model holding only the weights ``spec`` keeps (copies, same dtype and device)."""
     spec = spec if isinstance(spec, WidthSpec) else WidthSpec.parse(str(spec))
-    widths = resolve(model.config, spec)
+    return extract_at(model, resolve(model.config, spec))
+
+
+def extract_at(model: NestedLM, widths: tuple[LayerWidth, ...]) -> NestedLM:
+    """``extract`` at per-layer sizes already resolved (a bundle's ``layer_widths``)."""
     config = extracted_config(model.config, widths)
     weights = {k: v.detach().clone() for k, v in model.sliced_state_dict(widths).items()}
     with torch.device("meta"):

@@ -169,3 +169,8 @@ def width_value(width: Any) -> Fraction | None:
         return Fraction(str(width)).limit_denominator(1 << 16)
     except (ValueError, ZeroDivisionError):
         return None
+
+
+def find_width(labels: list[str], width: Any) -> str | None:
+    """The one of ``labels`` that names ``width``, given as a label or by value ("0.5" finds "1/2")."""
+    return next((w for w in labels if w == str(width) or width_value(w) == width_value(width)), None)

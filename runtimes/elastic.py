@@ -31,7 +31,7 @@ import numpy as np
 
 from edgeseq.errors import EdgeseqError, UsageError
 from edgeseq.switch import narrow, state_moves, widen
-from edgeseq.width import width_value
+from edgeseq.width import find_width
 
 if TYPE_CHECKING:
     from edgeseq.config import ModelConfig
@@ -67,9 +67,8 @@ class Widths:
     def __init__(self, config: ModelConfig, members: Sequence[WidthGraphs], replay: int = REPLAY_TOKENS):
         if replay < 1:
             raise UsageError(f"replay must be at least 1 token (got {replay})")
-        sizes = [sum(sum(w.to_dict().values()) for w in m.layer_widths) for m in members]
-        self.members = {m.label: m for _, m in sorted(zip(sizes, members), key=lambda p: -p[0])}
-        self.labels = list(self.members)  # widest first
+        self.members = {m.label: m for m in members}
+        self.labels = list(self.members)  # widest first, as given
         self.config, self.replay = config, replay
         self._saved: list[_Saved] = []
 
@@ -78,10 +77,9 @@ class Widths:
 
     def label_of(self, width: str | float) -> str:
         """The label of a width given as its label ("1/2") or its value (0.5, "0.5")."""
-        for label in self.labels:
-            if str(width) == label or width_value(width) == width_value(label):
-                return label
-        raise UsageError(f"width {width!r} is not in this bundle; it has {', '.join(self.labels)}")
+        if (label := find_width(self.labels, width)) is None:
+            raise UsageError(f"width {width!r} is not in this bundle; it has {', '.join(self.labels)}")
+        return label
 
     # -- the replay record ------------------------------------------------------------
     def start(self, state: dict[str, np.ndarray], position: np.ndarray) -> None:
@@ -103,7 +101,7 @@ class Widths:
             raise UsageError(f"widen policy {policy!r} is not one of {', '.join(WIDEN_POLICIES)}")
         a, b = self.member(old), self.member(new)
         moves = state_moves(self.config, a.layer_widths, b.layer_widths)
-        wider = _state_size(b) > _state_size(a)
+        wider = self.labels.index(b.label) < self.labels.index(a.label)
         shapes = _shapes(b, batch)
         move = (lambda s: widen(s, moves, shapes)) if wider else (lambda s: narrow(s, moves))
         if wider and policy == "replay" and not self._saved:
@@ -112,10 +110,9 @@ class Widths:
             saved.state = move(saved.state)
         if not (wider and policy == "replay"):
             return Switch(b, move(state))
-        oldest = self._saved[0]
-        tokens = [t for s in self._saved for t in s.tokens]
-        self._saved = [_Saved(_copy(oldest.state), oldest.position.copy())]
-        return Switch(b, _copy(oldest.state), oldest.position.copy(), tokens)
+        oldest, tokens = self._saved[0], [t for s in self._saved for t in s.tokens]
+        self._saved = [_Saved(_copy(oldest.state), oldest.position.copy())]  # the replay records itself from here
+        return Switch(b, oldest.state, oldest.position, tokens)
 
 
 @dataclass
@@ -131,10 +128,6 @@ class Switch:
 
 def _copy(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in state.items()}
-
-
-def _state_size(member: WidthGraphs) -> int:
-    return sum(int(np.prod([d for d in t.shape if isinstance(d, int)])) for t in member.step.io.inputs)
 
 
 def _shapes(member: WidthGraphs, batch: int) -> dict[str, tuple[int, ...]]:

@@ -50,7 +50,7 @@ import safetensors.numpy
 from edgeseq.errors import EdgeseqError
 from edgeseq.export.spec import ATTENTION_MASK, INPUT_IDS, GraphIO, token_feeds
 from edgeseq.runtimes.base import FeedError, GraphIOError, Runner
-from edgeseq.runtimes.elastic import Widths
+from edgeseq.runtimes.elastic import WidthGraphs, Widths
 from edgeseq.tokenizer import ByteTokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -171,15 +171,23 @@ class StreamingSession:
 
         opened = open_widths(root, manifest, flavor, placement, widths)
         try:
-            session = cls(opened[0].step, opened[0].prefill, batch=batch)
+            session = cls.of_widths(opened, ModelConfig.from_dict(manifest["config"]), batch)
         except BaseException:
             for member in opened:
                 member.step.deactivate()
                 member.prefill.deactivate()
             raise
-        session.flavor, session.width = flavor, opened[0].label
-        if len(opened) > 1:
-            session.widths = Widths(ModelConfig.from_dict(manifest["config"]), opened)
+        session.flavor = flavor
+        return session
+
+    @classmethod
+    def of_widths(cls, members: Sequence[WidthGraphs], config, batch: int = 1) -> StreamingSession:
+        """A session over the active runners of one or more widths (widest first, streaming
+        first; ``config`` the widest's ``ModelConfig``); with several, ``set_width`` switches."""
+        session = cls(members[0].step, members[0].prefill, batch=batch)
+        session.width = members[0].label
+        if len(members) > 1:
+            session.widths = Widths(config, members)
             session._replay_from_here()
         return session
 
@@ -199,9 +207,8 @@ class StreamingSession:
         moved = self.widths.switch(self._state, self.batch, self.width, label, widen)
         self._bind(moved.member.step, moved.member.prefill)
         self._state, self._spare, self.width = moved.state, None, label
-        if moved.replay is None:
-            return None
-        self._position = moved.position
+        if moved.position is not None:  # replayed: back where the saved state was
+            self._position = moved.position
         return self._prefill(np.asarray([moved.replay], np.int64), None)[0] if moved.replay else None
 
     def close(self) -> None:

@@ -176,9 +176,6 @@ def export(model, target, width, widths, precision, memory_budget, min_tokens_pe
     spec = _spec(width, widths)
     if widths_set is not None and not elastic:
         raise EdgeseqError("--widths-set gives an elastic bundle's widths; add --elastic")
-    if elastic and spec is not None:
-        raise EdgeseqError("--elastic takes its widths from --widths-set (or the checkpoint's trained widths), "
-                           "not --width/--widths; drop them")  # fmt: skip
     elastic_set = None if not elastic else tuple(WidthSpec.parse(w) for w in (widths_set or "").split(",") if w.strip())
     budget = _budget(memory_budget)
     name = get_target(target).name

@@ -40,7 +40,7 @@ from typing import Any
 
 from edgeseq.errors import EdgeseqError
 from edgeseq.tokenizer import Tokenizer
-from edgeseq.width import width_value
+from edgeseq.width import find_width
 
 SCHEMA_VERSION = 2  # 2: flat layout, weights stored once in weights.data, genai_config.json
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with a margin
@@ -81,7 +81,12 @@ def write_graph(path: Path, proto) -> None:
 def graph_file(flavor: str, kind: str, width: str | None = None) -> str:
     """A graph's file name in a bundle; an elastic bundle's narrower widths add theirs
     (``cpu.step.w1_4.onnx``)."""
-    return f"{flavor}.{kind}.onnx" if width is None else f"{flavor}.{kind}.w{width.replace('/', '_')}.onnx"
+    return f"{flavor}.{kind}.onnx" if width is None else f"{flavor}.{kind}.{width_tag(width)}.onnx"
+
+
+def width_tag(width: str) -> str:
+    """How an elastic bundle's file names spell a narrower width: "1/2" -> "w1_2"."""
+    return "w" + width.replace("/", "_")
 
 
 def bundle_widths(manifest: dict[str, Any]) -> list[str]:
@@ -93,7 +98,7 @@ def width_view(manifest: dict[str, Any], width: str) -> dict[str, Any]:
     """The manifest as it reads for one of an elastic bundle's widths: that width's
     ``width``, ``layer_widths``, ``config``, ``io`` and ``graphs`` (the widest width's
     are the manifest's own)."""
-    label = next((w for w in bundle_widths(manifest) if w == str(width) or width_value(w) == width_value(width)), None)
+    label = find_width(bundle_widths(manifest), width)
     if label is None:
         raise BundleError(f"the bundle has no width {width!r}; it streams {', '.join(bundle_widths(manifest))}")
     if label == manifest["width"]:

@@ -17,13 +17,10 @@ from edgeseq.export.spec import graph_io
 from edgeseq.width import WidthSpec, exact_width, full, resolve
 
 
-def elastic_widths(config, asked: tuple[WidthSpec, ...], width: WidthSpec | None = None) -> list[WidthSpec]:
+def elastic_widths(config, asked: tuple[WidthSpec, ...]) -> list[WidthSpec]:
     """An elastic bundle's widths, widest first: ``asked``, else (empty) the checkpoint's
     trained widths. Each must be one the model honours, and each narrower than the last in
-    every layer (nested). ``width`` (``--width``) is refused: the widths say it."""
-    if width is not None:
-        raise EdgeseqError("--elastic takes its widths from --widths-set (or the checkpoint's trained widths), "
-                           "not --width; drop --width")  # fmt: skip
+    every layer (nested)."""
     specs = list(asked) or [WidthSpec.uniform(w) for w in config.nested_widths or ()]
     if len(specs) < 2:
         raise EdgeseqError("an elastic bundle needs at least two widths and this checkpoint declares fewer trained "

@@ -31,12 +31,12 @@ from edgeseq.atomic import atomic_dir
 from edgeseq.deploy.bundle import (
     INLINE_BYTES,
     bundle_tokenizer,
-    bundle_widths,
     carry_tokenizer,
     device_readme,
     graph_file,
     not_a_bundle,
     read_manifest,
+    width_tag,
     width_view,
     write_graphs,
     write_manifest,
@@ -50,7 +50,7 @@ from edgeseq.deploy.switching import validate_switching
 from edgeseq.deploy.validation import (
     ValidationFailedError,
     handoff_limit,
-    reference_model,
+    reference_models,
     resolve_device,
     validate_flavors,
     validation_prompts,
@@ -139,6 +139,9 @@ def export_bundle(req: ExportRequest, progress: Progress | None = None) -> dict[
     taken before any work (a path that cannot be written, or anything but a bundle under
     ``--overwrite``, is refused at once); nothing appears there unless every stage passes."""
     progress = progress or Progress()
+    if req.elastic is not None and req.width is not None:
+        raise EdgeseqError("--elastic takes its widths from --widths-set (or the checkpoint's trained widths), "
+                           "not --width/--widths; drop them")  # fmt: skip
     target: Target = get_target(req.target)
     compat.check_target(target, req.precision, [req.flavor] if req.flavor else list(target.flavors), req.int4_block_size)
     with bundle_dir(req.output, req.overwrite) as tmp:
@@ -159,7 +162,7 @@ def _export(req: ExportRequest, target: Target, tmp: Path, progress: Progress) -
     tokenizer = tokenizer_of(req.model)
     if tokenizer.files:  # a tokenizer.json that does not fit the model fails before any work
         tokenizer.check_vocab(full.config.vocab_size)
-    members = elastic_widths(full.config, req.elastic, req.width) if req.elastic is not None else []
+    members = elastic_widths(full.config, req.elastic) if req.elastic is not None else []
     if members:
         req = replace(req, width=members.pop(0))  # the widest: planned, validated and described as any bundle
     if req.width is not None:
@@ -315,7 +318,7 @@ def validate_width(tmp: Path, req: ExportRequest, manifest: dict, model, runnabl
 
     if not runnable:
         return {}
-    at, tag = ("", "") if width is None else (f" at width {width}", f".w{width.replace('/', '_')}")
+    at, tag = ("", "") if width is None else (f" at width {width}", f".{width_tag(width)}")
     progress("validate", f"{', '.join(runnable)}{at} at {manifest['precision']} against the {device} reference "
                          "(drift: fp64)")  # fmt: skip
     results = validate_flavors(tmp, manifest, model, runnable, req.steps, req.long_steps, req.prompts, device,
@@ -377,9 +380,7 @@ def quantize_bundle(source: Path, precision: str, output: Path, *, overwrite: bo
     compat.check_flavors(target, manifest["flavors"])
     options = quant_options(target, precision, block_size)
     with bundle_dir(output, overwrite) as tmp:
-        models = {}
-        for w in bundle_widths(manifest):  # an elastic bundle's every width
-            models[w], device = reference_model(source, width_view(manifest, w), device, reference)
+        models, device = reference_models(source, manifest, device, reference)  # an elastic bundle's every width
         ordered = list(models.values())  # widest first
         model, narrowest = ordered[0], ordered[-1]
         if narrowest is not model:  # an elastic bundle: one int8 block for every width

@@ -27,8 +27,9 @@ from edgeseq.deploy.bundle import bundle_widths, width_view
 from edgeseq.deploy.runtimes import Placement
 from edgeseq.deploy.validation import validation_prompts
 from edgeseq.export.spec import TOLERANCES
-from edgeseq.runtimes.elastic import WidthGraphs, Widths
+from edgeseq.runtimes.elastic import WidthGraphs
 from edgeseq.runtimes.session import StreamingSession
+from edgeseq.validate.metrics import abs_error, kl_per_row, top1_matches
 from edgeseq.width import LayerWidth
 
 LEG = 24  # greedy steps after each switch
@@ -130,27 +131,18 @@ def _reference(manifest: dict, models: dict[str, Any], device: str, dtype: str) 
         step.activate()
         prefill.activate()
         members.append(WidthGraphs(w, step, prefill, layers))
-    session = StreamingSession(members[0].step, members[0].prefill)
-    session.widths, session.width = Widths(ModelConfig.from_dict(manifest["config"]), members), members[0].label
-    session.reset()
-    return session
+    return StreamingSession.of_widths(members, ModelConfig.from_dict(manifest["config"]))
 
 
 def _errors(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    ref = np.stack([p[0] for p in pairs[1:]]).astype(np.float64)
-    cand = np.stack([p[1] for p in pairs[1:]]).astype(np.float64)
-    log_p, log_q = _log_softmax(ref), _log_softmax(cand)
+    """Statistics of the rows after the first (the leg's start, compared in the leg before)."""
+    ref, cand = (np.stack([p[k] for p in pairs[1:]]) for k in (0, 1))
     return {
         "positions": len(ref),
-        "max_abs_logit": float(np.abs(ref - cand).max()),
-        "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1))),
-        "kl": float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1))),
+        "max_abs_logit": float(abs_error(ref, cand).max()),
+        "top1": float(top1_matches(ref, cand).mean()),
+        "kl": float(kl_per_row(ref, cand).mean()),
     }
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def validate_elastic(outcome: dict, bundle: Path, flavor: str | None, steps: int, long_steps: int, device: str,
@@ -161,19 +153,16 @@ def validate_elastic(outcome: dict, bundle: Path, flavor: str | None, steps: int
     (``<flavor> switching``), into ``outcome``. A bundle of one width is left as it was."""
     from edgeseq.deploy.bundle import read_manifest
     from edgeseq.deploy.runtimes import runnable_here
-    from edgeseq.deploy.validation import _record, reference_model, validate_flavors
+    from edgeseq.deploy.validation import _record, reference_models, validate_flavors
 
     manifest = read_manifest(bundle)
     widths = bundle_widths(manifest)
     if len(widths) < 2:
         return outcome
     runnable = [f for f in ([flavor] if flavor else manifest["flavors"]) if runnable_here(f)]
-    models = {}
-    for w in widths:
+    models, device = reference_models(bundle, manifest, device, reference)
+    for w in widths[1:]:
         view = width_view(manifest, w)
-        models[w], device = reference_model(bundle, view, device, reference)
-        if w == widths[0]:
-            continue
         counters = {f: c for f in runnable if (c := progress(f"{f}@{w}") if progress else None)}
         results = validate_flavors(bundle, view, models[w], runnable, steps, long_steps, 4, device, heldout=heldout,
                                    progress=counters)  # fmt: skip

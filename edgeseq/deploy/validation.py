@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.deploy.bundle import bundle_tokenizer, read_manifest
+from edgeseq.deploy.bundle import bundle_tokenizer, bundle_widths, read_manifest, width_view
 from edgeseq.deploy.progress import CallProgress
 from edgeseq.deploy.runtimes import Placement, open_runner, runnable_here, why_not_here
 from edgeseq.errors import EdgeseqError
@@ -79,23 +79,35 @@ def reference_model(bundle: Path, manifest: dict, device: str, override: str | N
     """(fp32 reference model, device) for a bundle: ``reference/`` when the bundle carries
     it, else the source model the manifest names (or ``override``) extracted at the
     bundle's width, refused if its weights are not the ones the bundle was exported from."""
-    from edgeseq.extract import extract
+    models, device = reference_models(bundle, manifest, device, override, [manifest["width"]])
+    return models[manifest["width"]], device
+
+
+def reference_models(bundle: Path, manifest: dict, device: str, override: str | None = None,
+                     widths: list[str] | None = None) -> tuple[dict[str, Any], str]:  # fmt: skip
+    """``reference_model`` at each of ``widths`` (None: every width of an elastic bundle),
+    the source loaded once: {width: model}, device."""
+    from edgeseq.extract import extract_at
     from edgeseq.families import load_checkpoint
-    from edgeseq.width import WidthSpec
+    from edgeseq.width import LayerWidth, full
     from edgeseq.zoo import load_model, weights_digest
 
     device = resolve_device(device)
     ref = manifest.get("reference", {})
-    if override is None and ref.get("embedded"):
-        model, _ = load_checkpoint(bundle / ref["embedded"], "native")
-        return model.float().eval(), device
-    source = override or ref.get("model")
-    full, _ = load_model(source, config=None if override else ref.get("config"))
-    if weights_digest(full) != ref.get("weights_sha256"):
-        where = f"--reference {override}" if override else f"the source model {source or 'mamba2-tiny'}"
-        raise EdgeseqError(f"{where} is not the model {bundle} was exported from (weights differ); "
-                           "pass the original checkpoint with --reference or re-export the bundle")  # fmt: skip
-    return extract(full, WidthSpec.parse(manifest["width"])).float().eval(), device
+    if override is None and ref.get("embedded"):  # the widest width's model
+        source, _ = load_checkpoint(bundle / ref["embedded"], "native")
+    else:
+        where = override or ref.get("model")
+        source, _ = load_model(where, config=None if override else ref.get("config"))
+        if weights_digest(source) != ref.get("weights_sha256"):
+            named = f"--reference {override}" if override else f"the source model {where or 'mamba2-tiny'}"
+            raise EdgeseqError(f"{named} is not the model {bundle} was exported from (weights differ); "
+                               "pass the original checkpoint with --reference or re-export the bundle")  # fmt: skip
+    models = {}
+    for w in bundle_widths(manifest) if widths is None else widths:
+        sizes = tuple(map(LayerWidth.of, width_view(manifest, w)["layer_widths"]))
+        models[w] = (source if sizes == full(source.config) else extract_at(source, sizes)).float().eval()
+    return models, device
 
 
 def device_name(device: str) -> str:

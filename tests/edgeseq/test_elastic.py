@@ -17,6 +17,7 @@ from edgeseq.deploy.bundle import bundle_widths, read_manifest, width_view
 from edgeseq.families import save_checkpoint
 from edgeseq.runtimes.session import SessionError, StreamingSession
 from edgeseq.switch import narrow, state_moves, widen
+from edgeseq.tokenizer import ByteTokenizer
 from edgeseq.width import LayerWidth
 from tests.conftest import random_model, small_config
 
@@ -159,6 +160,9 @@ def test_run_follows_a_latency_budget_that_tightens(bundles, monkeypatch):
 
     monkeypatch.setattr(run, "clock", lambda: now[0])
     monkeypatch.setattr(StreamingSession, "step", timed_step)
+    sample, eos = run.sample, np.isin(np.arange(264), list(ByteTokenizer.eos_ids))
+    # a random model may pick EOS greedily: never here, so the stream runs its 80 tokens
+    monkeypatch.setattr(run, "sample", lambda logits, *a: sample(np.where(eos, -np.inf, logits), *a))
     result = CliRunner().invoke(main, ["run", str(bundles / "elastic"), "--elastic", "--latency-budget-ms", "5,1.5@30",
                                        "-n", "80", "--temperature", "0", "--prompt", "ab", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -171,19 +175,25 @@ def test_run_follows_a_latency_budget_that_tightens(bundles, monkeypatch):
     assert result.exit_code == 2 and "elastic" in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_quantize_keeps_every_width_in_one_store(bundles, tmp_path):
-    out = tmp_path / "fp16"
-    result = CliRunner().invoke(main, ["quantize", str(bundles / "elastic"), "--quant", "fp16", "-o", str(out),
+def test_quantize_keeps_every_width_in_one_store(tmp_path):
+    """The shipped mamba2-tiny at widths 1/4 and 1/8 (a trained model: a random one's
+    near-ties make a 16-step top-1 gate a coin toss at fp16), quantized as a whole."""
+    source, out = tmp_path / "fp32", tmp_path / "fp16"
+    result = CliRunner().invoke(main, ["export", "--target", "x86", "--flavor", "portable", "--elastic", "--widths-set",
+                                       "1/4,1/8", "--no-validate", "-o", str(source)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["quantize", str(source), "--quant", "fp16", "-o", str(out),
                                        "--steps", "16", "--long-steps", "32", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
-    assert bundle_widths(manifest) == WIDTHS and manifest["precision"] == "fp16"
-    assert manifest["weights_bytes"] <= 0.6 * read_manifest(bundles / "elastic")["weights_bytes"]  # fp16: half, once
+    assert bundle_widths(manifest) == bundle_widths(read_manifest(source)) == ["0.25", "0.125"]
+    assert manifest["precision"] == "fp16"
+    assert manifest["weights_bytes"] <= 0.6 * read_manifest(source)["weights_bytes"]  # fp16: half, once
     assert all(s["passed"] for s in manifest["validation"]["switching"].values())
     with StreamingSession.from_bundle(out) as session:
         session.prefill([1, 2, 3])
-        session.set_width("0.25")
-        assert session.step(4).shape == (264,) and session.width == "0.25"
+        session.set_width("0.125")
+        assert session.step(4).shape == (264,) and session.width == "0.125"
 
 
 def test_fork_and_restore_keep_their_own_replay_record(bundles):
@@ -220,3 +230,21 @@ def test_bad_elastic_requests_fail_in_one_line_and_write_nothing(tmp_path, args,
     assert "Traceback" not in result.output and not out.exists()
     result = CliRunner().invoke(main, ["run", str(tmp_path), "--elastic"])
     assert result.exit_code == 2 and "--latency-budget-ms" in result.output
+
+
+def test_validate_with_an_embedded_reference_cuts_each_width_from_it(bundles, tmp_path):
+    """An elastic bundle carrying its widest model: validation extracts every narrower width
+    from that model (the widest's own sizes), not the checkpoint it came from."""
+    out = tmp_path / "embedded"
+    result = CliRunner().invoke(main, ["export", "--model", str(bundles / "model"), "--target", "x86", "--elastic",
+                                       "--widths-set", "1/2,1/4", "--embed-reference", "--no-validate", "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (bundles / "model").rename(bundles / "model.away")  # only the embedded reference is left to validate against
+    try:
+        result = CliRunner().invoke(main, ["validate", str(out), "--flavor", "portable", "--steps", "8",
+                                           "--long-steps", "16", "--json"])  # fmt: skip
+    finally:
+        (bundles / "model.away").rename(bundles / "model")
+    assert result.exit_code == 0, result.output
+    outcome = json.loads(result.stdout)
+    assert {"portable", "portable@0.25", "portable switching"} <= set(outcome["flavors"]) and outcome["passed"]
